@@ -1,0 +1,434 @@
+"""The reference VLA family: pi0 / GR00T in miniature.
+
+    images ──ViT (shared over cameras)──┐
+                                        ├─▶ decoder-only backbone ─▶ prefix features      "System 2"
+    instruction ──byte tokens──────────┘                                (once per chunk)
+    noise x_0 ──▶ K Euler steps of the flow-matching action expert ──▶ action chunk    "System 1"
+                  (self-attention over [state, H action tokens], cross-attention to the prefix)
+
+Layers are written timm-style (fused qkv, ``unbind``) and every block may have its own number of
+heads and MLP width, so structured pruning can remove heads and channels for real and the pruned
+model still round-trips through ``config.json``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlacompile.errors import CheckpointError
+from vlacompile.policy import CameraSpec, PolicySpec
+from vlacompile.tokenizer import PAD_ID, VOCAB_SIZE
+
+FAMILY = "vlacompile-reference"
+NEG_INF = -1e4  # additive mask value that stays finite in FP16
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """Sizes of a reference-family policy. Per-layer lists allow pruned (non-uniform) models."""
+
+    cameras: tuple[str, ...] = ("front",)
+    image_size: int = 64
+    patch_size: int = 8
+    state_dim: int = 6
+    action_dim: int = 4
+    chunk_size: int = 16
+    flow_steps: int = 10
+    max_tokens: int = 32
+    control_hz: float = 10.0
+    head_dim: int = 32
+    vision_width: int = 128
+    vision_heads: tuple[int, ...] = (4, 4, 4, 4)
+    vision_mlp: tuple[int, ...] = (512, 512, 512, 512)
+    backbone_width: int = 128
+    backbone_heads: tuple[int, ...] = (4, 4, 4, 4)
+    backbone_mlp: tuple[int, ...] = (512, 512, 512, 512)
+    expert_width: int = 128
+    expert_heads: tuple[int, ...] = (4, 4, 4, 4)
+    expert_mlp: tuple[int, ...] = (512, 512, 512, 512)
+
+    @property
+    def vision_depth(self) -> int:
+        return len(self.vision_heads)
+
+    @property
+    def backbone_depth(self) -> int:
+        return len(self.backbone_heads)
+
+    @property
+    def expert_depth(self) -> int:
+        return len(self.expert_heads)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"model_type": FAMILY, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ReferenceConfig":
+        d = dict(d)
+        model_type = d.pop("model_type", None)
+        if model_type != FAMILY:
+            raise CheckpointError(f"model_type is {model_type!r}, expected {FAMILY!r}", source=source)
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise CheckpointError(
+                f"unknown fields {unknown}",
+                source=source,
+                hint=f"the {FAMILY} family reads only {sorted(known)}; remove the others or check the checkpoint's family",
+            )
+        missing = sorted(set(known) - set(d))
+        if missing:
+            raise CheckpointError(
+                f"missing fields {missing}", source=source, hint="re-save the checkpoint with vlacompile, or add the fields"
+            )
+        kwargs: dict[str, Any] = {}
+        for name, value in d.items():
+            default = known[name].default
+            try:
+                if isinstance(default, tuple):
+                    if not isinstance(value, (list, tuple)):
+                        raise TypeError
+                    kwargs[name] = tuple(str(v) if name == "cameras" else int(v) for v in value)
+                elif isinstance(default, float):
+                    kwargs[name] = float(value)
+                else:
+                    if isinstance(value, bool) or int(value) != value:
+                        raise TypeError
+                    kwargs[name] = int(value)
+            except (TypeError, ValueError):
+                raise CheckpointError(
+                    f"field {name!r} has value {value!r} of the wrong type (expected like {default!r})", source=source
+                ) from None
+        cfg = cls(**kwargs)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        problems = []
+        if not self.cameras:
+            problems.append("no cameras")
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for part in ("vision", "backbone", "expert"):
+            heads, mlp = getattr(self, f"{part}_heads"), getattr(self, f"{part}_mlp")
+            if len(heads) != len(mlp):
+                problems.append(f"{part}_heads has {len(heads)} layers but {part}_mlp has {len(mlp)}")
+            if any(h < 1 for h in heads) or any(m < 1 for m in mlp):
+                problems.append(f"{part} has a layer with no heads or no MLP channels")
+        for name in ("state_dim", "action_dim", "chunk_size", "flow_steps", "max_tokens", "head_dim"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if problems:
+            raise CheckpointError("; ".join(problems), source=source)
+
+    def shrink(
+        self,
+        *,
+        vision_layers: list[int] | None = None,
+        backbone_layers: list[int] | None = None,
+        expert_layers: list[int] | None = None,
+        mlp_ratio: float = 1.0,
+        flow_steps: int | None = None,
+    ) -> "ReferenceConfig":
+        """A smaller config of the same family: keep the given layers, scale MLP widths."""
+
+        def pick(values, keep, scale=1.0):
+            keep = range(len(values)) if keep is None else keep
+            return tuple(max(8, int(round(values[i] * scale))) for i in keep)
+
+        return replace(
+            self,
+            vision_heads=tuple(self.vision_heads[i] for i in (vision_layers or range(self.vision_depth))),
+            vision_mlp=pick(self.vision_mlp, vision_layers, mlp_ratio),
+            backbone_heads=tuple(self.backbone_heads[i] for i in (backbone_layers or range(self.backbone_depth))),
+            backbone_mlp=pick(self.backbone_mlp, backbone_layers, mlp_ratio),
+            expert_heads=tuple(self.expert_heads[i] for i in (expert_layers or range(self.expert_depth))),
+            expert_mlp=pick(self.expert_mlp, expert_layers, mlp_ratio),
+            flow_steps=self.flow_steps if flow_steps is None else flow_steps,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # Written out (not F.scaled_dot_product_attention) so the exported graph is plain
+    # MatMul/Softmax that every runtime and quantiser understands.
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = _attend(q, k, v, mask).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.proj(out)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, head_dim
+        self.q = nn.Linear(dim, heads * head_dim)
+        self.kv = nn.Linear(context_dim, 2 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        m = context.shape[1]
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(context).reshape(b, m, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        out = _attend(q, k, v, mask).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with ``context_dim`` it also cross-attends (action expert)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp: int, context_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, head_dim)
+        self.cross = None
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(dim)
+            self.cross = CrossAttention(dim, context_dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp)
+
+    def forward(self, x, mask=None, context=None, context_mask=None):
+        x = x + self.attn(self.norm1(x), mask)
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), context, context_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of flow time t in [0, 1] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * 1000.0 * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy
+
+
+class VisionEncoder(nn.Module):
+    """A SigLIP-like ViT shared over cameras, with a learned camera embedding."""
+
+    def __init__(self, cfg: ReferenceConfig):
+        super().__init__()
+        w = cfg.vision_width
+        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches, w) * 0.02)
+        self.cam_embed = nn.Parameter(torch.randn(len(cfg.cameras), 1, w) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(w, h, cfg.head_dim, m) for h, m in zip(cfg.vision_heads, cfg.vision_mlp)
+        )
+        self.norm = nn.LayerNorm(w)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, c = images.shape[:2]
+        x = images.reshape(b * c, *images.shape[2:]).float() * (2.0 / 255.0) - 1.0  # uint8 -> [-1, 1]
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [b*c, P, w]
+        x = x.reshape(b, c, x.shape[1], x.shape[2]) + self.cam_embed
+        x = x.reshape(b * c, x.shape[2], x.shape[3])
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x.reshape(b, c * x.shape[1], x.shape[2])  # [b, c*P, w]
+
+
+class Backbone(nn.Module):
+    """Decoder-only language backbone over [image tokens, instruction tokens] (prefix-LM mask)."""
+
+    def __init__(self, cfg: ReferenceConfig):
+        super().__init__()
+        w = cfg.backbone_width
+        self.vision_proj = nn.Linear(cfg.vision_width, w)
+        self.embed = nn.Embedding(VOCAB_SIZE, w)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.max_tokens, w) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(w, h, cfg.head_dim, m) for h, m in zip(cfg.backbone_heads, cfg.backbone_mlp)
+        )
+        self.norm = nn.LayerNorm(w)
+        n_img = len(cfg.cameras) * cfg.num_patches
+        n = n_img + cfg.max_tokens
+        # Image tokens see all image tokens; text tokens see images and earlier text.
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()
+        allowed[:n_img, :n_img] = True
+        self.register_buffer("causal", torch.where(allowed, 0.0, NEG_INF), persistent=False)
+        self.n_img = n_img
+
+    def forward(self, vision_tokens: torch.Tensor, tokens: torch.Tensor):
+        b = tokens.shape[0]
+        x = torch.cat([self.vision_proj(vision_tokens), self.embed(tokens) + self.pos_embed], dim=1)
+        key_pad = torch.cat(
+            [torch.zeros(b, self.n_img, device=tokens.device), (tokens == PAD_ID).float() * NEG_INF], dim=1
+        )  # [b, n]
+        mask = self.causal[None, None] + key_pad[:, None, None, :]
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return self.norm(x), key_pad[:, None, None, :]
+
+
+class ActionExpert(nn.Module):
+    """Flow-matching velocity field over [state token, H noisy action tokens]."""
+
+    def __init__(self, cfg: ReferenceConfig):
+        super().__init__()
+        w = cfg.expert_width
+        self.width = w
+        self.state_in = nn.Linear(cfg.state_dim, w)
+        self.action_in = nn.Linear(cfg.action_dim, w)
+        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.chunk_size + 1, w) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(w, h, cfg.head_dim, m, context_dim=cfg.backbone_width)
+            for h, m in zip(cfg.expert_heads, cfg.expert_mlp)
+        )
+        self.norm = nn.LayerNorm(w)
+        self.action_out = nn.Linear(w, cfg.action_dim)
+
+    def forward(self, x_t, t, state_n, prefix, prefix_mask):
+        temb = self.time_mlp(timestep_embedding(t, self.width))[:, None, :]
+        h = torch.cat([self.state_in(state_n)[:, None, :], self.action_in(x_t) + temb], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            h = blk(h, None, prefix, prefix_mask)
+        return self.action_out(self.norm(h[:, 1:]))
+
+
+class ReferenceVLA(nn.Module):
+    def __init__(self, cfg: ReferenceConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg)
+        self.backbone = Backbone(cfg)
+        self.expert = ActionExpert(cfg)
+        # Normalisation statistics travel with the weights (set from the training episodes).
+        self.register_buffer("state_mean", torch.zeros(cfg.state_dim))
+        self.register_buffer("state_std", torch.ones(cfg.state_dim))
+        self.register_buffer("action_mean", torch.zeros(cfg.action_dim))
+        self.register_buffer("action_std", torch.ones(cfg.action_dim))
+
+    def set_stats(self, state_mean, state_std, action_mean, action_std) -> None:
+        for name, v in (("state_mean", state_mean), ("state_std", state_std), ("action_mean", action_mean), ("action_std", action_std)):
+            t = torch.as_tensor(v, dtype=torch.float32)
+            if name.endswith("std"):
+                t = t.clamp_min(1e-6)
+            getattr(self, name).copy_(t)
+
+    # System 2: once per chunk.
+    def prefix(self, images: torch.Tensor, tokens: torch.Tensor):
+        return self.backbone(self.vision(images), tokens)
+
+    def normalize_state(self, state: torch.Tensor) -> torch.Tensor:
+        return (state - self.state_mean) / self.state_std
+
+    # System 1: K times per chunk.
+    def velocity(self, x_t, t, state_n, prefix, prefix_mask):
+        return self.expert(x_t, t, state_n, prefix, prefix_mask)
+
+    def forward(self, images, state, tokens, noise):
+        prefix, prefix_mask = self.prefix(images, tokens)
+        state_n = self.normalize_state(state)
+        x = noise
+        k = self.cfg.flow_steps
+        for i in range(k):  # Euler integration of dx/dt = v(x, t) from t=0 (noise) to t=1 (actions)
+            t = torch.full((noise.shape[0],), i / k, dtype=noise.dtype, device=noise.device)
+            x = x + self.velocity(x, t, state_n, prefix, prefix_mask) / k
+        return x * self.action_std + self.action_mean
+
+    def flow_matching_loss(self, images, state, tokens, actions, generator=None) -> torch.Tensor:
+        """Training loss on recorded action chunks [B, H, A] (physical units)."""
+        x1 = (actions - self.action_mean) / self.action_std
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
+        # Beta-like emphasis on low t (noisy end), as in pi0.
+        t = torch.rand(x1.shape[0], generator=generator, device=x1.device) ** 1.5
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
+        prefix, prefix_mask = self.prefix(images, tokens)
+        v = self.velocity(x_t, t, self.normalize_state(state), prefix, prefix_mask)
+        return F.mse_loss(v, x1 - x0)
+
+
+def build(cfg: ReferenceConfig) -> ReferenceVLA:
+    return ReferenceVLA(cfg)
+
+
+def spec_of(model: ReferenceVLA) -> PolicySpec:
+    cfg = model.cfg
+    return PolicySpec(
+        family=FAMILY,
+        cameras=tuple(CameraSpec(c, cfg.image_size, cfg.image_size) for c in cfg.cameras),
+        state_dim=cfg.state_dim,
+        action_dim=cfg.action_dim,
+        chunk_size=cfg.chunk_size,
+        flow_steps=cfg.flow_steps,
+        max_tokens=cfg.max_tokens,
+        control_hz=cfg.control_hz,
+        action_mean=tuple(float(v) for v in model.action_mean),
+        action_std=tuple(float(v) for v in model.action_std),
+    )
+
+
+def flops_per_call(cfg: ReferenceConfig) -> dict[str, float]:
+    """Multiply-accumulates x2 of one get_action call, per part (for the roofline estimate)."""
+
+    def block(n_tokens, width, heads, mlp, ctx_tokens=0, ctx_width=0):
+        inner = heads * cfg.head_dim
+        f = 2 * n_tokens * width * 3 * inner + 2 * n_tokens * inner * width  # qkv + proj
+        f += 2 * 2 * n_tokens * n_tokens * inner  # scores + weighted sum
+        f += 2 * 2 * n_tokens * width * mlp  # fc1 + fc2
+        if ctx_tokens:
+            f += 2 * n_tokens * width * inner + 2 * ctx_tokens * ctx_width * 2 * inner + 2 * n_tokens * inner * width
+            f += 2 * 2 * n_tokens * ctx_tokens * inner
+        return f
+
+    n_cam, p = len(cfg.cameras), cfg.num_patches
+    vision = n_cam * (2 * p * 3 * cfg.patch_size**2 * cfg.vision_width)
+    vision += n_cam * sum(block(p, cfg.vision_width, h, m) for h, m in zip(cfg.vision_heads, cfg.vision_mlp))
+    n_prefix = n_cam * p + cfg.max_tokens
+    backbone = 2 * n_cam * p * cfg.vision_width * cfg.backbone_width
+    backbone += sum(block(n_prefix, cfg.backbone_width, h, m) for h, m in zip(cfg.backbone_heads, cfg.backbone_mlp))
+    n_act = cfg.chunk_size + 1
+    step = sum(
+        block(n_act, cfg.expert_width, h, m, n_prefix, cfg.backbone_width)
+        for h, m in zip(cfg.expert_heads, cfg.expert_mlp)
+    )
+    return {"system2": float(vision + backbone), "system1_per_step": float(step), "system1": float(step * cfg.flow_steps)}

@@ -1,0 +1,35 @@
+"""The instruction tokenizer that ships with the reference family: UTF-8 bytes (ByT5-style).
+
+A byte tokenizer needs no vocabulary file and no model hub, and covers any instruction text. Ids
+0..2 are special (pad, bos, eos); byte b has id b + 3. Sequences are padded to a fixed length so
+exported graphs have static shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+BYTE_OFFSET = 3
+VOCAB_SIZE = 256 + BYTE_OFFSET
+
+
+@dataclass(frozen=True)
+class ByteTokenizer:
+    max_length: int = 32
+
+    def encode(self, text: str) -> np.ndarray:
+        """-> int64 [max_length]: bos, bytes (truncated), eos, pad."""
+        body = [b + BYTE_OFFSET for b in text.strip().lower().encode("utf-8")][: self.max_length - 2]
+        ids = [BOS_ID, *body, EOS_ID]
+        out = np.full(self.max_length, PAD_ID, dtype=np.int64)
+        out[: len(ids)] = ids
+        return out
+
+    def encode_batch(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self.encode(t) for t in texts]) if texts else np.zeros((0, self.max_length), np.int64)
+
+    def decode(self, ids) -> str:
+        data = bytes(int(i) - BYTE_OFFSET for i in ids if int(i) >= BYTE_OFFSET)
+        return data.decode("utf-8", errors="replace")
