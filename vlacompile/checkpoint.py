@@ -75,7 +75,12 @@ def _read_weights(ckpt: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tenso
     try:
         state = torch.load(pickles[0], map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only raises UnpicklingError for any non-tensor payload
-        raise CheckpointError(f"could not be loaded as plain tensors ({e})", source=pickles[0]) from None
+        raise CheckpointError(
+            f"could not be loaded as plain tensors ({e})",
+            source=pickles[0],
+            hint="the file is damaged or holds objects other than tensors, which vlacompile never unpickles; "
+            "re-save only the state dict (torch.save(model.state_dict(), f)) or convert it to model.safetensors",
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -105,7 +110,7 @@ def load_policy(checkpoint: str | Path, *, allow_pickle: bool = False) -> Policy
 
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(str(k) for k in set(state) - set(expected))  # pickled keys need not be str
     if missing or unexpected:
         parts = []
         if missing:
@@ -119,6 +124,12 @@ def load_policy(checkpoint: str | Path, *, allow_pickle: bool = False) -> Policy
         )
     for name, ref in expected.items():
         t = state[name]
+        if not isinstance(t, torch.Tensor):  # weights_only pickles may also hold ints, strings, lists
+            raise CheckpointError(
+                f"entry {name!r} is a {type(t).__name__}, not a tensor",
+                source=weights_path,
+                hint="save the model's state_dict (tensors only)",
+            )
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(t.shape)} but config.json implies {tuple(ref.shape)}",
@@ -152,7 +163,9 @@ def save_policy(policy: Policy, directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(json.dumps(policy.config.to_dict(), indent=2, sort_keys=True) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in policy.module.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "family": policy.family})
+    # One metadata key only: safetensors writes metadata in hash-map order, so two keys make equal
+    # weights hash differently from save to save (safetensors issue #584). The family is in config.json.
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     return out
 
 

@@ -20,6 +20,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"not valid TOML ({e})", source=path, hint="fix the syntax at the position given") from None
 
 
+def _in_int64(value: int | float) -> bool:
+    # TOML integers are 64-bit; a dict built in Python could hold larger ones, which overflow float().
+    return isinstance(value, float) or -(2**63) <= value < 2**63
+
+
 def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -42,6 +47,10 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}", source=source)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[int, str]
+            if len(value) != len(args):
+                raise ConfigError(f"{where} must have {len(args)} items, got {len(value)}", source=source)
+            return tuple(_coerce(v, t, f"{where}[{i}]", source) for i, (v, t) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         return tuple(_coerce(v, item, f"{where}[{i}]", source) for i, v in enumerate(value))
     if origin is dict:
@@ -54,12 +63,12 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _in_int64(value):
             raise ConfigError(f"{where} must be a number, got {value!r}", source=source)
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}", source=source)
+        if isinstance(value, bool) or not isinstance(value, int) or not _in_int64(value):
+            raise ConfigError(f"{where} must be a (64-bit) integer, got {value!r}", source=source)
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -80,7 +89,7 @@ def from_dict(cls: type, data: Any, source: str | Path, where: str = "") -> Any:
         raise ConfigError(f"{label} must be a table, got {data!r}", source=source)
     hints = typing.get_type_hints(cls)
     flds = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(flds))
+    unknown = sorted(str(k) for k in set(data) - set(flds))
     if unknown:
         raise ConfigError(
             f"unknown key(s) {unknown} in {label}",

@@ -6,6 +6,7 @@ memory, accuracy tolerances) are the gates verify judges against.
 """
 from __future__ import annotations
 
+import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +84,16 @@ class TargetProfile:
         bad = [p for p in self.device.precisions if p not in PRECISIONS]
         if bad:
             raise ConfigError(f"unknown precision(s) {bad} in device.precisions", source=src, hint=f"known: {list(PRECISIONS)}")
+        for key in ("memory_gb", "memory_bandwidth_gbs"):
+            value = getattr(self.device, key)
+            if value is not None and not _positive(value):
+                raise ConfigError(f"device.{key} must be a positive number, got {value}", source=src)
         b = self.budget
-        if b.control_hz <= 0:
+        if not _positive(b.control_hz):
             raise ConfigError(f"budget.control_hz must be positive, got {b.control_hz}", source=src)
         if b.actions_per_chunk < 1:
             raise ConfigError(f"budget.actions_per_chunk must be at least 1, got {b.actions_per_chunk}", source=src)
-        if b.p99_latency_ms <= 0:
+        if not _positive(b.p99_latency_ms):
             raise ConfigError(
                 f"budget.p99_latency_ms must be positive, got {b.p99_latency_ms}: no model can meet it",
                 source=src,
@@ -101,18 +106,23 @@ class TargetProfile:
                 source=src,
                 hint="lower p99_latency_ms or execute more actions per chunk",
             )
-        if b.memory_mb is not None and b.memory_mb <= 0:
+        if b.memory_mb is not None and not _positive(b.memory_mb):
             raise ConfigError(f"budget.memory_mb must be positive, got {b.memory_mb}", source=src)
         a = self.accuracy
-        if not (a.max_nmse > 0):
+        if not _positive(a.max_nmse):
             raise ConfigError(f"accuracy.max_nmse must be positive, got {a.max_nmse}: no model can meet it", source=src)
         if not (-1.0 <= a.min_cosine <= 1.0):
             raise ConfigError(f"accuracy.min_cosine must lie in [-1, 1], got {a.min_cosine}", source=src)
-        if a.max_abs_error is not None and a.max_abs_error <= 0:
+        if a.max_abs_error is not None and not _positive(a.max_abs_error):
             raise ConfigError(f"accuracy.max_abs_error must be positive, got {a.max_abs_error}", source=src)
         for prec, tflops in self.device.peak_tflops.items():
-            if prec not in PRECISIONS or tflops <= 0:
+            if prec not in PRECISIONS or not _positive(tflops):
                 raise ConfigError(f"device.peak_tflops.{prec}={tflops} is not a positive figure for a known precision", source=src)
+
+
+def _positive(x: float) -> bool:
+    # TOML accepts nan and inf; neither is a usable budget or device figure.
+    return math.isfinite(x) and x > 0
 
 
 def list_targets() -> list[str]:

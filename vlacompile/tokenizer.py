@@ -19,10 +19,16 @@ VOCAB_SIZE = 256 + BYTE_OFFSET
 class ByteTokenizer:
     max_length: int = 32
 
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (bos and eos), got {self.max_length}")
+
     def encode(self, text: str) -> np.ndarray:
-        """-> int64 [max_length]: bos, bytes (truncated), eos, pad."""
-        body = [b + BYTE_OFFSET for b in text.strip().lower().encode("utf-8")][: self.max_length - 2]
-        ids = [BOS_ID, *body, EOS_ID]
+        """-> int64 [max_length]: bos, bytes (truncated at a character boundary), eos, pad."""
+        raw = text.strip().lower().encode("utf-8", errors="replace")[: self.max_length - 2]  # lone surrogates -> "?"
+        # Drop a multi-byte character cut in half, so a truncated instruction decodes cleanly.
+        raw = raw.decode("utf-8", errors="ignore").encode("utf-8")
+        ids = [BOS_ID, *(b + BYTE_OFFSET for b in raw), EOS_ID]
         out = np.full(self.max_length, PAD_ID, dtype=np.int64)
         out[: len(ids)] = ids
         return out

@@ -98,14 +98,12 @@ class ReferenceConfig:
                 if isinstance(default, tuple):
                     if not isinstance(value, (list, tuple)):
                         raise TypeError
-                    kwargs[name] = tuple(str(v) if name == "cameras" else int(v) for v in value)
+                    kwargs[name] = tuple(_as_str(v) if name == "cameras" else _as_int(v) for v in value)
                 elif isinstance(default, float):
-                    kwargs[name] = float(value)
+                    kwargs[name] = _as_float(value)
                 else:
-                    if isinstance(value, bool) or int(value) != value:
-                        raise TypeError
-                    kwargs[name] = int(value)
-            except (TypeError, ValueError):
+                    kwargs[name] = _as_int(value)
+            except TypeError:
                 raise CheckpointError(
                     f"field {name!r} has value {value!r} of the wrong type (expected like {default!r})", source=source
                 ) from None
@@ -117,7 +115,10 @@ class ReferenceConfig:
         problems = []
         if not self.cameras:
             problems.append("no cameras")
-        if self.image_size % self.patch_size:
+        for name in ("image_size", "patch_size", "vision_width", "backbone_width", "expert_width"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.patch_size >= 1 and self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for part in ("vision", "backbone", "expert"):
             heads, mlp = getattr(self, f"{part}_heads"), getattr(self, f"{part}_mlp")
@@ -125,9 +126,13 @@ class ReferenceConfig:
                 problems.append(f"{part}_heads has {len(heads)} layers but {part}_mlp has {len(mlp)}")
             if any(h < 1 for h in heads) or any(m < 1 for m in mlp):
                 problems.append(f"{part} has a layer with no heads or no MLP channels")
-        for name in ("state_dim", "action_dim", "chunk_size", "flow_steps", "max_tokens", "head_dim"):
+        for name in ("state_dim", "action_dim", "chunk_size", "flow_steps", "head_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.max_tokens < 2:  # the tokenizer always writes bos and eos
+            problems.append("max_tokens must be at least 2")
+        if not (math.isfinite(self.control_hz) and self.control_hz > 0):
+            problems.append(f"control_hz must be a positive number, got {self.control_hz}")
         if problems:
             raise CheckpointError("; ".join(problems), source=source)
 
@@ -142,20 +147,54 @@ class ReferenceConfig:
     ) -> "ReferenceConfig":
         """A smaller config of the same family: keep the given layers, scale MLP widths."""
 
-        def pick(values, keep, scale=1.0):
-            keep = range(len(values)) if keep is None else keep
-            return tuple(max(8, int(round(values[i] * scale))) for i in keep)
+        def layers(part: str, keep: list[int] | None) -> list[int]:
+            depth = len(getattr(self, f"{part}_heads"))
+            if keep is None:
+                return list(range(depth))
+            bad = [i for i in keep if not 0 <= i < depth]
+            if bad:
+                raise ValueError(f"{part} layer indices {bad} are outside 0..{depth - 1}")
+            return list(keep)
+
+        def pick(part: str, keep: list[int] | None) -> dict[str, tuple[int, ...]]:
+            idx = layers(part, keep)
+            heads, mlp = getattr(self, f"{part}_heads"), getattr(self, f"{part}_mlp")
+            return {
+                f"{part}_heads": tuple(heads[i] for i in idx),
+                f"{part}_mlp": tuple(max(8, int(round(mlp[i] * mlp_ratio))) for i in idx),
+            }
 
         return replace(
             self,
-            vision_heads=tuple(self.vision_heads[i] for i in (vision_layers or range(self.vision_depth))),
-            vision_mlp=pick(self.vision_mlp, vision_layers, mlp_ratio),
-            backbone_heads=tuple(self.backbone_heads[i] for i in (backbone_layers or range(self.backbone_depth))),
-            backbone_mlp=pick(self.backbone_mlp, backbone_layers, mlp_ratio),
-            expert_heads=tuple(self.expert_heads[i] for i in (expert_layers or range(self.expert_depth))),
-            expert_mlp=pick(self.expert_mlp, expert_layers, mlp_ratio),
+            **pick("vision", vision_layers),
+            **pick("backbone", backbone_layers),
+            **pick("expert", expert_layers),
             flow_steps=self.flow_steps if flow_steps is None else flow_steps,
         )
+
+
+def _as_int(value: Any) -> int:
+    # JSON writers may emit 32.0 for 32; booleans, fractions, non-finite and non-numbers are errors.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError
+    if isinstance(value, float) and not value.is_integer():
+        raise TypeError
+    return int(value)
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range
+        raise TypeError from None
+
+
+def _as_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +280,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * 1000.0 * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb  # odd widths (e.g. after pruning) get a zero column
 
 
 # ---------------------------------------------------------------------------------------------
