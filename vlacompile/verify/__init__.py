@@ -1,0 +1,262 @@
+"""verify: the compiled student against its teacher on held-out episodes.
+
+    accuracy   teacher (torch eager) and student (ONNX Runtime) on the same observations and the same
+               noise: NMSE / worst error / cosine vs the teacher, both vs the demonstrations, jerk
+    latency    the whole get_action call, warm, p50/p90/p99/max, on this host
+    roofline   the lower bound for the target (data-sheet figures, or the host's microbenchmark)
+    gates      the target's tolerances and budgets: measured on the host, estimated elsewhere
+
+Every figure says where it came from; a budget judged only on an estimate is "not verified".
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from vlacompile.errors import CheckpointError, EpisodeError
+from vlacompile.verify.accuracy import action_agreement, self_consistency
+from vlacompile.verify.gates import judge
+from vlacompile.verify.latency import control_rate, measure_latency
+from vlacompile.verify.roofline import estimate, measure_host, policy_weight_bytes
+
+__all__ = ["verify", "action_agreement", "self_consistency", "measure_latency", "control_rate", "estimate", "judge"]
+
+BATCH = 32
+TRACES = 3
+LATENCY_OBSERVATIONS = 16  # distinct observations cycled through by the latency loop
+
+
+def _stride_for(held_out, max_samples: int) -> int | None:
+    """The smallest frame stride that yields at most ``max_samples`` samples; None when even one
+    sample per episode is too many."""
+    if len(held_out.episodes) > max_samples:
+        return None
+    stride = max(1, math.ceil(held_out.num_frames / max_samples))
+    while sum(math.ceil(len(ep) / stride) for ep in held_out.episodes) > max_samples:
+        stride += 1
+    return stride
+
+
+def _check_student_spec(teacher_spec, student_spec, onnx_path: Path) -> None:
+    same = ("cameras", "state_dim", "action_dim", "chunk_size", "max_tokens")
+    diff = [k for k in same if getattr(teacher_spec, k) != getattr(student_spec, k)]
+    if diff:
+        raise CheckpointError(
+            f"the student differs from the teacher in {diff}: verify compares them on the same inputs and outputs",
+            source=onnx_path,
+            hint="compile the student from this teacher (only sizes and flow steps may change)",
+        )
+
+
+def _run_all(runner, inputs: dict[str, np.ndarray], desc: str, progress: bool) -> np.ndarray:
+    n = len(inputs["state"])
+    starts = range(0, n, BATCH)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    return np.concatenate([runner.run({k: v[i : i + BATCH] for k, v in inputs.items()}) for i in starts])
+
+
+def _observation(images: np.ndarray, state: np.ndarray, task: str, cameras) -> dict:
+    # As a camera driver delivers frames: one contiguous HxWx3 uint8 array per camera.
+    return {
+        "images": {c.name: np.ascontiguousarray(images[i].transpose(1, 2, 0)) for i, c in enumerate(cameras)},
+        "state": state.astype(np.float32),
+        "task": task,
+    }
+
+
+def _traces(samples, teacher_a, student_a, k: int = TRACES) -> list[dict]:
+    """The first sample of up to ``k`` different episodes: chunks for the report's trace plots."""
+    picked, seen = [], set()
+    for i, e in enumerate(samples.episode_index):
+        if int(e) not in seen:
+            seen.add(int(e))
+            picked.append(i)
+        if len(picked) == k:
+            break
+    return [
+        {
+            "episode_index": int(samples.episode_index[i]),
+            "frame_index": int(samples.frame_index[i]),
+            "task": samples.tasks[i],
+            "teacher": teacher_a[i].tolist(),
+            "student": student_a[i].tolist(),
+            "recorded": samples.actions[i].tolist(),
+        }
+        for i in picked
+    ]
+
+
+def _student_memory(onnx_path: Path, runner, obs, noise, provider: str, notes: list[str]) -> dict | None:
+    """Peak RSS of a fresh process that runs only the student; None (and a note) if that fails."""
+    from vlacompile.backends.onnxrt import PROVIDERS
+    from vlacompile.verify.latency import _runner_threads, measure_process_memory
+
+    try:
+        return measure_process_memory(onnx_path, runner.preprocess(obs, noise), providers=PROVIDERS[provider], threads=_runner_threads(runner) or 1)
+    except (RuntimeError, OSError, ImportError) as e:
+        notes.append(f"could not measure the student's memory in a separate process ({e}); the memory gate uses this process's peak")
+        return None
+
+
+def _roofline(policy, precision: str, target, host) -> dict | None:
+    from vlacompile.families import get_family
+
+    family = get_family(policy.family)
+    if family is None:
+        return None
+    return estimate(family.flops_per_call(policy.config), policy_weight_bytes(policy), target, precision, host=host)
+
+
+def verify(
+    teacher,
+    student_onnx: Path,
+    held_out,
+    target,
+    *,
+    student_policy=None,
+    student_precision: str = "fp32",
+    calls: int = 200,
+    max_samples: int = 256,
+    seed: int = 0,
+    provider: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Compare the compiled student (``student_onnx``) with ``teacher`` on ``held_out`` episodes and
+    judge ``target``'s gates. ``student_policy`` (the torch student the graph was exported from)
+    supplies the student's spec and its size for the roofline; without it the teacher's spec is used.
+    """
+    from vlacompile.backends.onnxrt import OrtRunner
+    from vlacompile.backends.torch_eager import TorchRunner
+    from vlacompile.data import draw_stratified, make_samples
+    from vlacompile.targets import host_device_string
+    from vlacompile.tokenizer import ByteTokenizer
+
+    t_start = time.perf_counter()
+    student_onnx = Path(student_onnx)
+    spec = teacher.spec
+    student_spec = student_policy.spec if student_policy is not None else spec
+    _check_student_spec(spec, student_spec, student_onnx)
+    host = host_device_string()
+    notes: list[str] = []
+
+    missing = [c.name for c in spec.cameras if c.name not in held_out.camera_names]
+    if missing:
+        raise EpisodeError(
+            f"the policy reads cameras {missing} that the held-out episodes do not have ({list(held_out.camera_names)})",
+            source=held_out.root or "held-out episodes",
+            hint="verify on episodes recorded with the policy's cameras",
+        )
+    # Samples: every stride-th frame of every held-out episode, at most max_samples (with more
+    # episodes than that, a stratified draw over tasks, episodes and time).
+    stride = _stride_for(held_out, max_samples)
+    if stride is None:
+        samples = draw_stratified(held_out, max_samples, chunk_size=spec.chunk_size, seed=seed)
+    else:
+        samples = make_samples(held_out, chunk_size=spec.chunk_size, stride=stride)
+    n = len(samples)
+    cam_pos = [held_out.camera_names.index(c.name) for c in spec.cameras]
+    images = np.ascontiguousarray(samples.images[:, cam_pos])
+    tokens = ByteTokenizer(spec.max_tokens).encode_batch(samples.tasks)
+    # One noise per sample, shared by teacher and student, so their outputs are comparable call by call;
+    # a second draw measures the teacher's own spread.
+    rng = np.random.default_rng(seed)
+    shape = (n, spec.chunk_size, spec.action_dim)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    noise2 = rng.standard_normal(shape, dtype=np.float32)
+    inputs = {"images": images, "state": samples.state.astype(np.float32), "tokens": tokens, "noise": noise}
+    log(f"verify: {n} samples from {len(held_out.episodes)} held-out episodes ({f'every {stride} frames' if stride else 'stratified draw'})")
+
+    # Accuracy.
+    teacher_runner = TorchRunner(teacher)
+    student_runner = OrtRunner(student_onnx, student_spec, provider=provider)
+    teacher_a = _run_all(teacher_runner, inputs, "teacher", progress)
+    teacher_b = _run_all(teacher_runner, {**inputs, "noise": noise2}, "teacher (2nd noise)", progress)
+    student_a = _run_all(student_runner, inputs, "student", progress)
+    accuracy = action_agreement(teacher_a, student_a, samples.actions)
+    accuracy["teacher_self_consistency"] = self_consistency(teacher_a, teacher_b)
+    accuracy["measured_on"] = host
+    notes += accuracy.pop("notes", [])
+
+    # Latency of the whole get_action path, on this host.
+    k = min(n, LATENCY_OBSERVATIONS)
+    observations = [_observation(images[i], samples.state[i], samples.tasks[i], spec.cameras) for i in range(k)]
+    noises = [noise[i] for i in range(k)]
+    warmup = min(20, calls)
+    log(f"verify: timing get_action, {calls} warm calls each (teacher: torch eager; student: {student_runner.name})")
+    lat_teacher = measure_latency(teacher_runner, observations, noises, calls=calls, warmup=warmup, progress=progress, desc="teacher latency")
+    lat_student = measure_latency(student_runner, observations, noises, calls=calls, warmup=warmup, progress=progress, desc="student latency")
+    load = max((lat.get("host_load_1min") or 0.0) for lat in (lat_teacher, lat_student))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load > 1.5 * cores:  # this process alone keeps up to `cores` threads busy
+        notes.append(
+            f"this host was busy while latency was measured (1-minute load {load:.1f} on {cores} cores): "
+            "the measured tails (p99, max) are pessimistic"
+        )
+    if target.runs_on_host:
+        lat_student["process_memory"] = _student_memory(student_onnx, student_runner, observations[0], noises[0], provider, notes)
+    lat_teacher.update({"runtime": teacher_runner.name, "measured_on": host, "kind": "measured"})
+    lat_student.update({"runtime": student_runner.name, "measured_on": host, "kind": "measured"})
+
+    # Roofline for the target (the host's microbenchmark where the target is the host).
+    host_figures = measure_host() if target.device.memory_bandwidth_gbs is None else None
+    roof_teacher = _roofline(teacher, "fp32", target, host_figures)
+    roof_student = _roofline(student_policy, student_precision, target, host_figures) if student_policy is not None else None
+    if student_policy is None:
+        notes.append("no torch student given: the student's roofline (and any latency estimate) is unavailable")
+    for roof, lat in ((roof_teacher, lat_teacher), (roof_student, lat_student)):
+        if roof and target.runs_on_host:
+            roof["measured_over_bound"] = lat["p50_ms"] / roof["total_ms"]["value"]
+        if roof:
+            notes += roof.pop("notes", [])
+
+    measured = bool(target.runs_on_host)
+    if measured:
+        student_section = {**lat_student, "estimated_for": None, "estimate_ms": None}
+        p99, p99_source = lat_student["p99_ms"], f"measured on {host}"
+        speedup = lat_teacher["p50_ms"] / lat_student["p50_ms"]
+    else:
+        bound = roof_student["total_ms"]["value"] if roof_student else None
+        p99_source = f"estimated for {target.name} (roofline lower bound)"
+        student_section = {
+            "kind": "estimated",
+            "p50_ms": bound,
+            "p99_ms": bound,
+            "runtime": f"{target.device.runtime} {student_precision} (not run here)",
+            "measured_on": None,
+            "estimated_for": target.name,
+            "estimate_ms": bound,
+            "source": p99_source,
+            "host_measurement": lat_student,
+        }
+        p99, speedup = bound, None
+    latency = {
+        "teacher": lat_teacher,
+        "student": student_section,
+        "speedup_p50": speedup,
+        "host_speedup_p50": lat_teacher["p50_ms"] / lat_student["p50_ms"],
+    }
+    control = control_rate(p99, target.budget, source=p99_source) if p99 is not None else None
+    gates = judge(accuracy, lat_student if measured else None, roof_student, target, measured=measured)
+    log(f"verify: {gates['status']} in {time.perf_counter() - t_start:.1f} s")
+    return {
+        "status": gates["status"],
+        "passed": gates["passed"],
+        "accuracy": accuracy,
+        "latency": latency,
+        "roofline": {"teacher": roof_teacher, "student": roof_student, "host": host_figures},
+        "control": control,
+        "gates": gates,
+        "samples": {"count": n, "episodes": len(held_out.episodes), "stride": stride},
+        "traces": _traces(samples, teacher_a, student_a),
+        "notes": notes,
+        "verify_seconds": round(time.perf_counter() - t_start, 1),
+    }
