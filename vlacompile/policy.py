@@ -13,9 +13,10 @@ comparable call by call and keeps exported graphs free of random ops.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads only where a module runs, so specs and runners stay light
+    import torch
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class PolicySpec:
             "noise": (batch, self.chunk_size, self.action_dim),
         }
 
-    def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, "torch.Tensor"]:
+        import torch
+
         g = torch.Generator().manual_seed(seed)
         shapes = self.input_shapes(batch)
         return {
@@ -72,7 +75,7 @@ OUTPUT_NAMES = ("actions",)
 class Policy:
     """A torch policy of some family, its config (the family's dataclass) and its spec."""
 
-    module: torch.nn.Module
+    module: "torch.nn.Module"
     config: Any
     spec: PolicySpec
     family: str
@@ -84,6 +87,8 @@ class Policy:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
-    @torch.no_grad()
-    def __call__(self, images, state, tokens, noise) -> torch.Tensor:
-        return self.module(images, state, tokens, noise)
+    def __call__(self, images, state, tokens, noise) -> "torch.Tensor":
+        import torch
+
+        with torch.no_grad():
+            return self.module(images, state, tokens, noise)
