@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from vlacompile.verify.gates import judge
 from vlacompile.verify.latency import control_rate, measure_latency
 from vlacompile.verify.roofline import estimate, measure_host, policy_weight_bytes
 
-__all__ = ["verify", "action_agreement", "self_consistency", "measure_latency", "control_rate", "estimate", "judge"]
+__all__ = ["verify", "held_out_inputs", "action_agreement", "self_consistency", "measure_latency", "control_rate", "estimate", "judge"]
 
 BATCH = 32
 TRACES = 3
@@ -115,6 +116,50 @@ def _roofline(policy, precision: str, target, host) -> dict | None:
     return estimate(family.flops_per_call(policy.config), policy_weight_bytes(policy), target, precision, host=host)
 
 
+@dataclass
+class HeldOutInputs:
+    """Held-out samples as model inputs, with one noise per sample shared by every runtime compared."""
+
+    samples: Any
+    inputs: dict[str, np.ndarray]  # batched model inputs (noise = the shared first draw)
+    noise2: np.ndarray  # a second draw: the teacher's own sample-to-sample spread
+    observations: list[dict]  # raw observations for timing the whole get_action path
+    noises: list[np.ndarray]
+    stride: int | None
+
+
+def held_out_inputs(held_out, spec, *, max_samples: int = 256, seed: int = 0) -> HeldOutInputs:
+    """Every stride-th frame of every held-out episode, at most ``max_samples`` (with more episodes
+    than that, a stratified draw over tasks, episodes and time)."""
+    from vlacompile.data import draw_stratified, make_samples
+    from vlacompile.tokenizer import ByteTokenizer
+
+    missing = [c.name for c in spec.cameras if c.name not in held_out.camera_names]
+    if missing:
+        raise EpisodeError(
+            f"the policy reads cameras {missing} that the held-out episodes do not have ({list(held_out.camera_names)})",
+            source=held_out.root or "held-out episodes",
+            hint="verify on episodes recorded with the policy's cameras",
+        )
+    stride = _stride_for(held_out, max_samples)
+    if stride is None:
+        samples = draw_stratified(held_out, max_samples, chunk_size=spec.chunk_size, seed=seed)
+    else:
+        samples = make_samples(held_out, chunk_size=spec.chunk_size, stride=stride)
+    n = len(samples)
+    cam_pos = [held_out.camera_names.index(c.name) for c in spec.cameras]
+    images = np.ascontiguousarray(samples.images[:, cam_pos])
+    tokens = ByteTokenizer(spec.max_tokens).encode_batch(samples.tasks)
+    rng = np.random.default_rng(seed)
+    shape = (n, spec.chunk_size, spec.action_dim)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    noise2 = rng.standard_normal(shape, dtype=np.float32)
+    inputs = {"images": images, "state": samples.state.astype(np.float32), "tokens": tokens, "noise": noise}
+    k = min(n, LATENCY_OBSERVATIONS)
+    observations = [_observation(images[i], samples.state[i], samples.tasks[i], spec.cameras) for i in range(k)]
+    return HeldOutInputs(samples, inputs, noise2, observations, [noise[i] for i in range(k)], stride)
+
+
 def verify(
     teacher,
     student_onnx: Path,
@@ -136,9 +181,7 @@ def verify(
     """
     from vlacompile.backends.onnxrt import OrtRunner
     from vlacompile.backends.torch_eager import TorchRunner
-    from vlacompile.data import draw_stratified, make_samples
     from vlacompile.targets import host_device_string
-    from vlacompile.tokenizer import ByteTokenizer
 
     t_start = time.perf_counter()
     student_onnx = Path(student_onnx)
@@ -148,31 +191,9 @@ def verify(
     host = host_device_string()
     notes: list[str] = []
 
-    missing = [c.name for c in spec.cameras if c.name not in held_out.camera_names]
-    if missing:
-        raise EpisodeError(
-            f"the policy reads cameras {missing} that the held-out episodes do not have ({list(held_out.camera_names)})",
-            source=held_out.root or "held-out episodes",
-            hint="verify on episodes recorded with the policy's cameras",
-        )
-    # Samples: every stride-th frame of every held-out episode, at most max_samples (with more
-    # episodes than that, a stratified draw over tasks, episodes and time).
-    stride = _stride_for(held_out, max_samples)
-    if stride is None:
-        samples = draw_stratified(held_out, max_samples, chunk_size=spec.chunk_size, seed=seed)
-    else:
-        samples = make_samples(held_out, chunk_size=spec.chunk_size, stride=stride)
-    n = len(samples)
-    cam_pos = [held_out.camera_names.index(c.name) for c in spec.cameras]
-    images = np.ascontiguousarray(samples.images[:, cam_pos])
-    tokens = ByteTokenizer(spec.max_tokens).encode_batch(samples.tasks)
-    # One noise per sample, shared by teacher and student, so their outputs are comparable call by call;
-    # a second draw measures the teacher's own spread.
-    rng = np.random.default_rng(seed)
-    shape = (n, spec.chunk_size, spec.action_dim)
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    noise2 = rng.standard_normal(shape, dtype=np.float32)
-    inputs = {"images": images, "state": samples.state.astype(np.float32), "tokens": tokens, "noise": noise}
+    data = held_out_inputs(held_out, spec, max_samples=max_samples, seed=seed)
+    samples, inputs, n, stride = data.samples, data.inputs, len(data.samples), data.stride
+    noise2 = data.noise2
     log(f"verify: {n} samples from {len(held_out.episodes)} held-out episodes ({f'every {stride} frames' if stride else 'stratified draw'})")
 
     # Accuracy.
@@ -187,9 +208,7 @@ def verify(
     notes += accuracy.pop("notes", [])
 
     # Latency of the whole get_action path, on this host.
-    k = min(n, LATENCY_OBSERVATIONS)
-    observations = [_observation(images[i], samples.state[i], samples.tasks[i], spec.cameras) for i in range(k)]
-    noises = [noise[i] for i in range(k)]
+    observations, noises = data.observations, data.noises
     warmup = min(20, calls)
     log(f"verify: timing get_action, {calls} warm calls each (teacher: torch eager; student: {student_runner.name})")
     lat_teacher = measure_latency(teacher_runner, observations, noises, calls=calls, warmup=warmup, progress=progress, desc="teacher latency")
