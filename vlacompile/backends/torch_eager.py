@@ -1,0 +1,23 @@
+"""Torch eager runtime: how the teacher runs in its training framework."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vlacompile.backends.base import Runner
+from vlacompile.policy import Policy
+
+
+class TorchRunner(Runner):
+    name = "torch-eager-fp32"
+
+    def __init__(self, policy: Policy, threads: int | None = None):
+        super().__init__(policy.spec)
+        self.policy = policy
+        if threads:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+        return self.policy.module(t["images"], t["state"], t["tokens"], t["noise"]).numpy()

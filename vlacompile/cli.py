@@ -1,0 +1,109 @@
+"""The `vlacompile` command: a thin layer over the Python API (``vlacompile.build`` and friends)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from vlacompile.errors import EXIT_INPUT_ERROR, VlaCompileError
+
+
+def _fail(err: VlaCompileError) -> None:
+    click.echo(f"error: {err.format()}", err=True)
+    sys.exit(err.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vlacompile")
+def main() -> None:
+    """Compile a Vision-Language-Action policy for a robot's computer and verify it against its teacher.
+
+    Exit codes: 0 all gates passed (measured); 1 a gate failed; 2 bad input (nothing was built, earlier
+    output untouched); 3 built and accurate, but latency only estimated for a target that is not this
+    machine (budget not verified).
+    """
+
+
+@main.command()
+@click.option("--target", "-t", default="x86-cpu", show_default=True, help="Target profile name (see `vlacompile targets`) or path to a TOML file.")
+@click.option("--checkpoint", "-c", type=click.Path(path_type=Path), help="Teacher checkpoint directory (config.json + model.safetensors). Default: the shipped demo teacher.")
+@click.option("--episodes", "-e", type=click.Path(path_type=Path), help="LeRobotDataset v3 episodes directory. Default: the shipped demo episodes.")
+@click.option("--recipe", "-r", help="Recipe name or TOML path. Default: the target's default recipe.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Output directory. Default: build/<target>.")
+@click.option("--seed", type=int, help="Override the recipe's seed.")
+@click.option("--calls", type=click.IntRange(min=20), default=200, show_default=True, help="get_action calls per latency measurement.")
+@click.option("--allow-pickle", is_flag=True, help="Load pickle weights (.bin/.pt/.ckpt) with torch.load(weights_only=True). Only for checkpoints you trust.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, quiet) -> None:
+    """Distill, prune, quantise, export and verify a policy for TARGET; write build/<target>/."""
+    from vlacompile.pipeline import build as run_build
+    from vlacompile.report import summarize
+
+    try:
+        result = run_build(
+            target,
+            checkpoint=checkpoint,
+            episodes=episodes,
+            recipe=recipe,
+            out=out,
+            seed=seed,
+            allow_pickle=allow_pickle,
+            calls=calls,
+            progress=not quiet,
+        )
+    except VlaCompileError as err:
+        _fail(err)
+    click.echo(summarize(result.report))
+    click.echo(f"artifact: {result.out_dir}/ (report.json, report.md, report.html)")
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def targets(as_json: bool) -> None:
+    """List the target profiles with their budgets."""
+    from vlacompile.targets import list_targets, load_target
+
+    try:
+        profiles = [load_target(name) for name in list_targets()]
+    except VlaCompileError as err:
+        _fail(err)
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in profiles], indent=2))
+        return
+    header = f"{'target':<18} {'runtime':<12} {'precisions':<34} {'control':>8} {'n/chunk':>7} {'exec':>5} {'p99 limit':>10} {'NMSE tol':>8}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for p in profiles:
+        b = p.budget
+        click.echo(
+            f"{p.name:<18} {p.device.runtime:<12} {','.join(p.device.precisions):<34} {b.control_hz:>6g}Hz {b.actions_per_chunk:>7} "
+            f"{b.execution:>5} {b.p99_latency_ms:>8g}ms {p.accuracy.max_nmse:>8g}"
+        )
+    click.echo("\nLatency is measured on targets whose hardware is this machine (x86-cpu); for the others it is estimated.")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print report.json.")
+def report(artifact: Path, as_json: bool) -> None:
+    """Print the summary of a built ARTIFACT directory (exit code: the build's)."""
+    from vlacompile.report import summarize
+
+    path = artifact / "report.json"
+    if not path.is_file():
+        click.echo(f"error: {path}: no report.json\nHint: pass a directory written by `vlacompile build`", err=True)
+        sys.exit(EXIT_INPUT_ERROR)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        click.echo(f"error: {path}: not valid JSON ({e})\nHint: rebuild the artifact", err=True)
+        sys.exit(EXIT_INPUT_ERROR)
+    click.echo(json.dumps(data, indent=2) if as_json else summarize(data))
+    sys.exit(int(data.get("exit_code", 0)))
+
+
+if __name__ == "__main__":
+    main()

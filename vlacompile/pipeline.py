@@ -1,0 +1,305 @@
+"""`vlacompile.build`: checkpoint -> stages -> ONNX -> verify -> report, written atomically.
+
+Everything that can be wrong with the inputs (target, recipe, checkpoint, episodes, output path) is
+checked before the first stage runs. The build writes into a temporary directory beside the output
+and renames it into place only when it is complete, so a failed or killed build never leaves a
+half-written artifact where a good one was.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from vlacompile.errors import (
+    EXIT_GATE_FAILED,
+    EXIT_OK,
+    EXIT_UNVERIFIED,
+    EpisodeError,
+    OutputError,
+)
+from vlacompile.resources import DEMO_EPISODES, DEMO_TEACHER
+
+SCHEMA_VERSION = "1.0"
+EXIT_CODES = {"passed": EXIT_OK, "failed": EXIT_GATE_FAILED, "unverified": EXIT_UNVERIFIED}
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    report: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return self.report["status"]
+
+    @property
+    def exit_code(self) -> int:
+        return self.report["exit_code"]
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for dist in ("vlacompile", "torch", "onnx", "onnxruntime", "nvidia-modelopt", "accelerate", "polygraphy", "numpy"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before any work if the output cannot be written (read-only path, a file in the way)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a directory", source=out, hint="pass --out with a directory path")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output's parent directory ({e.strerror})", source=parent, hint="pass --out on a writable path") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError("is not writable", source=parent, hint="pass --out on a writable path")
+
+
+@contextmanager
+def output_lock(out: Path):
+    """One build per output directory at a time: a second one refuses instead of interleaving."""
+    lock_path = out.parent / f".{out.name}.lock"
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                "another vlacompile build is writing this output directory",
+                source=out,
+                hint="wait for it to finish, or pass a different --out",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished build into place; the previous output survives until the new one is there."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old.exists():
+            os.rename(old, out)
+        raise
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_episodes_match(es, spec, source: Path) -> None:
+    """The episodes must carry what the policy reads: its cameras, image size, state and action dims."""
+    cams = [c.name for c in spec.cameras]
+    missing = [c for c in cams if c not in es.camera_names]
+    if missing:
+        raise EpisodeError(
+            f"the policy reads cameras {cams} but the episodes have {list(es.camera_names)} (missing {missing})",
+            source=source,
+            hint="record the episodes with the policy's cameras (feature observation.images.<camera>)",
+        )
+    want = (spec.cameras[0].height, spec.cameras[0].width)
+    if tuple(es.image_shape) != want:
+        raise EpisodeError(
+            f"images are {es.image_shape[0]}x{es.image_shape[1]} but the policy takes {want[0]}x{want[1]}",
+            source=source,
+            hint="resize the episodes' images to the policy's resolution",
+        )
+    for name, have, need in (("observation.state", es.state_dim, spec.state_dim), ("action", es.action_dim, spec.action_dim)):
+        if have != need:
+            raise EpisodeError(
+                f"{name} has {have} dimensions but the policy expects {need}",
+                source=source,
+                hint="use episodes recorded on the robot this policy was trained for",
+            )
+
+
+def _file_entries(root: Path, exclude: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    from vlacompile.checkpoint import sha256_file
+
+    entries = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in exclude:
+            entries.append({"path": p.relative_to(root).as_posix(), "sha256": sha256_file(p), "bytes": p.stat().st_size})
+    return entries
+
+
+def build(
+    target: str | Path = "x86-cpu",
+    *,
+    checkpoint: str | Path | None = None,
+    episodes: str | Path | None = None,
+    recipe: str | Path | None = None,
+    out: str | Path | None = None,
+    seed: int | None = None,
+    allow_pickle: bool = False,
+    calls: int = 200,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Compile a VLA checkpoint for a target and verify it. See the README for the exit codes."""
+    from vlacompile.recipes import check_recipe, load_recipe
+    from vlacompile.targets import load_target
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+
+    # 1. Everything the user gave is checked before any work.
+    tgt = load_target(target)
+    rcp = load_recipe(recipe or tgt.default_recipe)
+    check_recipe(rcp, tgt)
+    out_dir = Path(out) if out is not None else Path("build") / tgt.name
+    check_output_dir(out_dir)
+
+    from vlacompile.checkpoint import load_policy
+    from vlacompile.data import read_episodes, split_episodes
+
+    ckpt = Path(checkpoint) if checkpoint is not None else DEMO_TEACHER
+    teacher = load_policy(ckpt, allow_pickle=allow_pickle)
+    if tgt.budget.actions_per_chunk > teacher.spec.chunk_size:
+        from vlacompile.errors import ConfigError
+
+        raise ConfigError(
+            f"budget.actions_per_chunk={tgt.budget.actions_per_chunk} exceeds the policy's chunk size {teacher.spec.chunk_size}: "
+            "no chunk can supply that many actions",
+            source=tgt.path,
+            hint="lower actions_per_chunk in the target profile or use a policy with longer chunks",
+        )
+    ep_dir = Path(episodes) if episodes is not None else DEMO_EPISODES
+    es = read_episodes(ep_dir)
+    check_episodes_match(es, teacher.spec, ep_dir)
+    run_seed = rcp.seed if seed is None else seed
+    train, calib, held_out = split_episodes(es, seed=run_seed)
+    log(
+        f"vlacompile: target {tgt.name}, recipe {rcp.name}, teacher {ckpt} "
+        f"({teacher.num_parameters() / 1e6:.2f}M params, {teacher.spec.flow_steps} flow steps), "
+        f"episodes {ep_dir} ({len(train.episodes)} train / {len(calib.episodes)} calibration / {len(held_out.episodes)} held-out)"
+    )
+
+    # 2. Stages run in a temporary directory beside the output.
+    with output_lock(out_dir):
+        tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            report = _run_build(tgt, rcp, teacher, train, calib, held_out, tmp, run_seed, calls, progress, log)
+            report["teacher"].update({"checkpoint": str(ckpt)})
+            report["episodes"] = {"path": str(ep_dir), "train": len(train.episodes), "calibration": len(calib.episodes), "held_out": len(held_out.episodes)}
+            report["seconds"] = round(time.perf_counter() - t_start, 1)
+            from vlacompile.report import write_reports
+
+            report["artifact"] = {"dir": str(out_dir), "files": _file_entries(tmp, exclude=REPORT_FILES)}
+            write_reports(report, tmp)
+            replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return BuildResult(out_dir=out_dir, report=report)
+
+
+def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, calls: int, progress: bool, log) -> dict:
+    import torch
+
+    from vlacompile.checkpoint import save_policy
+    from vlacompile.stages import STAGES, Artifact, BuildContext
+    from vlacompile.verify import verify
+
+    torch.manual_seed(seed)
+    ctx = BuildContext(target=tgt, workdir=tmp, teacher=teacher, train=train, calibration=calib, seed=seed, progress=progress, log=log)
+    artifact = Artifact(policy=teacher)
+    for i, stage in enumerate(rcp.stages, 1):
+        log(f"[{i}/{len(rcp.stages)}] {stage.name} ...")
+        t0 = time.perf_counter()
+        artifact = STAGES[stage.name].load().run(artifact, stage.params, ctx)
+        log(f"[{i}/{len(rcp.stages)}] {stage.name} done in {time.perf_counter() - t0:.1f} s")
+
+    student = artifact.policy
+    if not artifact.quantized_torch:
+        save_policy(student, tmp / "student")
+    (tmp / "target.json").write_text(json.dumps(tgt.to_dict(), indent=2, sort_keys=True) + "\n")
+    (tmp / "recipe.json").write_text(json.dumps(rcp.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    log(f"verify: teacher vs compiled student on {len(held_out.episodes)} held-out episodes ...")
+    result = verify(
+        teacher,
+        artifact.onnx_path,
+        held_out,
+        tgt,
+        student_policy=student,
+        student_precision=artifact.precision,
+        calls=calls,
+        seed=seed,
+        progress=progress,
+        log=log,
+    )
+    status = result["status"]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "target": tgt.name,
+        "recipe": rcp.to_dict(),
+        "seed": seed,
+        "inputs": {"teacher_weights_sha256": teacher.meta.get("weights_sha256"), "teacher": teacher.meta.get("source")},
+        "onnx": artifact.onnx_path.name,
+        "precision": artifact.precision,
+        "runtime": tgt.device.runtime,
+        "engine": None
+        if tgt.runs_on_host
+        else f"not built: TensorRT plans are built on a {tgt.device.name}; run `vlacompile engine` there",
+        "tool_versions": tool_versions(),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    notes = []
+    if not tgt.runs_on_host:
+        notes.append(
+            f"Latency for {tgt.name} is ESTIMATED from its data-sheet figures (roofline lower bound); the budget is "
+            f"NOT VERIFIED. Build the TensorRT engine and verify on the device to measure it."
+        )
+    from vlacompile import __version__
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "vlacompile_version": __version__,
+        "target": tgt.name,
+        "recipe": rcp.name,
+        "status": status,
+        "passed": status == "passed",
+        "exit_code": EXIT_CODES[status],
+        "seed": seed,
+        "teacher": {
+            "family": teacher.family,
+            "params": teacher.num_parameters(),
+            "flow_steps": teacher.spec.flow_steps,
+            "weights_sha256": teacher.meta.get("weights_sha256"),
+        },
+        "student": {
+            "params": student.num_parameters(),
+            "flow_steps": student.spec.flow_steps,
+            "precision": artifact.precision,
+            "onnx": artifact.onnx_path.name,
+            "config": student.config.to_dict(),
+        },
+        **{k: v for k, v in result.items() if k not in ("status", "passed")},
+        "stages": artifact.records,
+        "tool_versions": manifest["tool_versions"],
+        "notes": notes + result.get("notes", []),
+    }

@@ -1,0 +1,124 @@
+"""Recipes (recipes/*.toml): the ordered stages of a build and their parameters.
+
+    name = "x86-cpu"
+    [[stages]]
+    stage = "distill"
+    flow_steps = 1
+    ...
+
+A recipe is parsed into each stage's ``Params`` dataclass and checked against the target before any
+heavy import or any work: unknown stages or keys, kinds that do not chain (torch -> onnx), and
+precisions the target lacks are errors that name the recipe file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlacompile.config_util import from_dict, read_toml, to_dict
+from vlacompile.errors import ConfigError
+from vlacompile.resources import RECIPES_DIR
+from vlacompile.stages import STAGES
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    params: Any  # the stage module's Params instance
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    stages: tuple[StageSpec, ...]
+    seed: int = 0
+    path: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "seed": self.seed,
+            "stages": [{"stage": s.name, **to_dict(s.params)} for s in self.stages],
+        }
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def parse_recipe(data: dict, source: str | Path) -> Recipe:
+    source = str(source)
+    if not isinstance(data, dict):
+        raise ConfigError("a recipe must be a TOML table", source=source)
+    allowed = {"name", "description", "seed", "stages"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}", source=source, hint=f"a recipe has {sorted(allowed)}")
+    stages_raw = data.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError("no [[stages]]", source=source, hint="list the stages in order, e.g. [[stages]] stage = \"export\"")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}", source=source)
+    stages = []
+    for i, raw in enumerate(stages_raw):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"stages[{i}] must be a table", source=source)
+        raw = dict(raw)
+        name = raw.pop("stage", None)
+        if name not in STAGES:
+            raise ConfigError(
+                f"stages[{i}] names unknown stage {name!r}",
+                source=source,
+                hint=f"known stages: {', '.join(STAGES)}",
+            )
+        mod = STAGES[name].load()
+        params = from_dict(mod.Params, raw, source, where=f"stages[{i}] ({name})")
+        stages.append(StageSpec(name, params))
+    return Recipe(
+        name=str(data.get("name", Path(source).stem)),
+        description=str(data.get("description", "")),
+        stages=tuple(stages),
+        seed=seed,
+        path=source,
+    )
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        path = p
+    else:
+        path = RECIPES_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown recipe {str(name_or_path)!r}",
+                source="--recipe",
+                hint=f"known recipes: {', '.join(list_recipes())} (or pass a path to a recipe TOML file)",
+            )
+    return parse_recipe(read_toml(path), path)
+
+
+def check_recipe(recipe: Recipe, target) -> None:
+    """Legality against the target, before any work: kinds chain, precisions exist on the target."""
+    kind = "torch"
+    saw_export = False
+    for i, s in enumerate(recipe.stages):
+        mod = STAGES[s.name].load()
+        consumes, produces = mod.kinds(s.params, target)
+        if consumes != kind:
+            raise ConfigError(
+                f"stages[{i}] ({s.name}) needs a {consumes} model but gets a {kind} one at that point",
+                source=recipe.path or recipe.name,
+                hint="order the stages so torch stages (distill, prune, modelopt quantize) come before export, "
+                "and ONNX Runtime quantize after it",
+            )
+        if hasattr(mod, "check"):
+            mod.check(s.params, target, source=recipe.path or recipe.name)
+        kind = produces
+        saw_export = saw_export or s.name == "export"
+    if not saw_export:
+        raise ConfigError("the recipe has no export stage", source=recipe.path or recipe.name, hint="add [[stages]] stage = \"export\"")
