@@ -1,0 +1,346 @@
+"""Train a student policy to reproduce its teacher's action chunks (distillation and recovery).
+
+    targets = teacher(obs, noise)            once, for a fixed seeded set of (observation, noise) pairs
+    loss    = mean(((student(obs, noise) - targets) / action_std) ** 2)   [+ w * prefix-feature MSE]
+
+Giving the student the SAME initial noise as the teacher makes the teacher's K-step flow
+integration the target of the student's k-step one: with k < K this is step distillation.
+
+The loop runs on Hugging Face Accelerate, so the same code trains in-process on one CPU or GPU and
+under ``accelerate launch`` on many (DDP; FSDP through Accelerate's config). Batches are split
+across processes (``split_batches``): the global batch, the data order and hence the result do not
+depend on the number of processes, up to float rounding. Teacher targets are computed once, each
+process doing a share of the observations.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from vlacompile.errors import ConfigError
+from vlacompile.policy import Policy
+
+
+@dataclass(frozen=True)
+class MatchSettings:
+    steps: int = 600  # optimizer steps
+    batch_size: int = 32  # global batch (split across processes)
+    lr: float = 1e-3  # AdamW peak learning rate: linear warm-up, then cosine decay to 0
+    weight_decay: float = 0.0  # AdamW decay of tensors with ndim >= 2 (not biases or norm gains)
+    noises_per_sample: int = 1  # (observation, noise) pairs per observation
+    feature_loss_weight: float = 0.0  # MSE between student and teacher backbone (prefix) features
+    warmup_fraction: float = 0.05
+    max_grad_norm: float = 1.0
+    target_batch_size: int = 64  # teacher inference batch when computing targets
+    log_points: int = 10  # loss values logged (and kept in the loss curve) over the run
+
+
+def model_inputs(policy: Policy, samples) -> dict[str, torch.Tensor]:
+    """Samples -> the module's image, state and token tensors (noise is separate)."""
+    from vlacompile.tokenizer import ByteTokenizer
+
+    return {
+        "images": torch.from_numpy(samples.images),
+        "state": torch.from_numpy(samples.state),
+        "tokens": torch.from_numpy(ByteTokenizer(policy.spec.max_tokens).encode_batch(samples.tasks)),
+    }
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class Targets:
+    """The teacher's outputs for pairs j = sample * noises_per_sample + r."""
+
+    inputs: dict[str, torch.Tensor]  # per sample: images, state, tokens
+    noise: torch.Tensor  # [N, R, chunk, A]
+    actions: torch.Tensor  # [N, R, chunk, A] physical units
+    features: torch.Tensor | None = None  # [N, prefix tokens, width] backbone output
+    feature_mask: torch.Tensor | None = None  # [N, prefix tokens] True where a token is not padding
+
+    @property
+    def num_pairs(self) -> int:
+        return self.noise.shape[0] * self.noise.shape[1]
+
+
+class _CaptureBackbone:
+    """Forward hook keeping the latest backbone output: (features [B,n,w], key padding [B,1,1,n])."""
+
+    def __init__(self, module: nn.Module):
+        self.output: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.handle = module.backbone.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.output = output
+
+    def valid(self) -> torch.Tensor:
+        return self.output[1][:, 0, 0, :] == 0
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _gather_rows(accelerator, local: torch.Tensor, per: int, total: int) -> torch.Tensor:
+    """Concatenate every process's rows [start_r, start_r + per) (the last ones shorter) in order."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    pad = per - local.shape[0]
+    if pad:
+        local = torch.cat([local, local.new_zeros((pad, *local.shape[1:]))])
+    return accelerator.gather(local.to(accelerator.device).contiguous()).cpu()[:total]
+
+
+def teacher_targets(
+    teacher: Policy,
+    samples,
+    *,
+    noises_per_sample: int,
+    seed: int,
+    features: bool,
+    accelerator=None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Targets:
+    """Run the teacher once on every (sample, seeded noise) pair; processes share the samples."""
+    from tqdm import tqdm
+
+    spec = teacher.spec
+    inputs = model_inputs(teacher, samples)
+    n, r = len(samples), noises_per_sample
+    noise = seeded_noise((n, r, spec.chunk_size, spec.action_dim), seed)
+    procs = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    per = math.ceil(n / procs)
+    lo, hi = min(rank * per, n), min((rank + 1) * per, n)
+
+    module = teacher.module
+    home = next(module.parameters()).device
+    was_training = module.training
+    module.to(device).eval()
+    capture = _CaptureBackbone(module) if features else None
+    actions, feats, masks = [], [], []
+    try:
+        with torch.inference_mode():
+            for s in tqdm(range(lo, hi, batch_size), desc="teacher targets", disable=not progress, mininterval=1.0):
+                b = slice(s, min(s + batch_size, hi))
+                x = [inputs[k][b].to(device) for k in ("images", "state", "tokens")]
+                outs = []
+                for k in range(r):
+                    outs.append(module(*x, noise[b, k].to(device)).cpu())
+                    if capture is not None and k == 0:
+                        feats.append(capture.output[0].cpu())
+                        masks.append(capture.valid().cpu())
+                actions.append(torch.stack(outs, dim=1))
+    finally:
+        if capture is not None:
+            capture.remove()
+        module.to(home).train(was_training)
+
+    def rows(parts: list[torch.Tensor], like: tuple[int, ...]) -> torch.Tensor:
+        local = torch.cat(parts) if parts else torch.zeros((0, *like))  # a process may get no samples
+        # clone(): inference tensors cannot take part in autograd later.
+        return _gather_rows(accelerator, local, per, n).clone()
+
+    out = Targets(inputs=inputs, noise=noise, actions=rows(actions, (r, spec.chunk_size, spec.action_dim)))
+    if features:
+        width = module.backbone.norm.normalized_shape[0]
+        n_prefix = module.backbone.causal.shape[0]
+        out.features = rows(feats, (n_prefix, width))
+        # Gathered as float: not every backend can all-gather booleans.
+        out.feature_mask = rows([m.float() for m in masks], (n_prefix,)) > 0.5
+    return out
+
+
+class _PairDataset(torch.utils.data.Dataset):
+    """(observation, noise, teacher actions[, teacher features]) by pair index; fetched a batch at a time."""
+
+    def __init__(self, targets: Targets):
+        self.t = targets
+        self.r = targets.noise.shape[1]
+        self.noise = targets.noise.flatten(0, 1)
+        self.actions = targets.actions.flatten(0, 1)
+
+    def __len__(self) -> int:
+        return self.t.num_pairs
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        j = torch.as_tensor(idx, dtype=torch.long)
+        s = j // self.r
+        batch = {k: v[s] for k, v in self.t.inputs.items()}
+        batch["noise"] = self.noise[j]
+        batch["target"] = self.actions[j]
+        if self.t.features is not None:
+            batch["features"] = self.t.features[s]
+            batch["feature_mask"] = self.t.feature_mask[s]
+        return batch
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def _batch_as_is(batch):
+    return batch  # __getitems__ already returns a collated batch
+
+
+class _EpochSampler(torch.utils.data.Sampler[int]):
+    """``total`` indices: seeded permutations of range(n) back to back. The same on every process."""
+
+    def __init__(self, n: int, total: int, seed: int):
+        self.n, self.total, self.seed = n, total, seed
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        done = 0
+        while done < self.total:
+            perm = torch.randperm(self.n, generator=g)[: self.total - done]
+            done += len(perm)
+            yield from perm.tolist()
+
+
+class _MatchObjective(nn.Module):
+    """Wraps the student so that one forward returns the loss (what DDP/FSDP need to wrap)."""
+
+    def __init__(self, student: nn.Module, action_std: torch.Tensor, feature_loss_weight: float):
+        super().__init__()
+        self.student = student
+        self.feature_loss_weight = feature_loss_weight
+        self.register_buffer("inv_std", 1.0 / action_std.detach().clone(), persistent=False)
+        self.capture = _CaptureBackbone(student) if feature_loss_weight > 0 else None
+
+    def forward(self, images, state, tokens, noise, target, features=None, feature_mask=None) -> torch.Tensor:
+        actions = self.student(images, state, tokens, noise)
+        loss = (((actions - target) * self.inv_std) ** 2).mean()
+        if self.capture is not None:
+            # Per-sample mean over real (non-padding) tokens, so a split batch averages the same way.
+            err = ((self.capture.output[0] - features) ** 2).mean(-1)
+            m = feature_mask.float()
+            per_sample = (err * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+            loss = loss + self.feature_loss_weight * per_sample.mean()
+        return loss
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay weight matrices only; biases, norm gains and 1-D parameters are left alone.
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    rest = [p for p in module.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def make_accelerator():
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    # split_batches: the loader's batch is the GLOBAL batch, cut into one slice per process.
+    return Accelerator(cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSettings, ctx, *, name: str = "distill") -> dict[str, Any]:
+    """Train ``student`` in place to reproduce ``teacher`` on ``samples``; returns loss metrics.
+
+    ``ctx`` supplies ``seed``, ``progress`` and ``log`` (a ``BuildContext``). Deterministic under
+    ``ctx.seed``; the same result (up to float rounding) on 1 or N processes.
+    """
+    from tqdm import tqdm
+
+    torch.manual_seed(ctx.seed)
+    accelerator = make_accelerator()
+    procs = accelerator.num_processes
+    if settings.batch_size % procs:
+        raise ConfigError(
+            f"batch_size={settings.batch_size} cannot be split evenly over {procs} processes",
+            source=f"recipe stage {name.split()[0]}",
+            hint=f"use a batch size that is a multiple of {procs}",
+        )
+    main = accelerator.is_main_process
+    show = ctx.progress and main
+
+    t0 = time.perf_counter()
+    targets = teacher_targets(
+        teacher,
+        samples,
+        noises_per_sample=settings.noises_per_sample,
+        seed=ctx.seed,
+        features=settings.feature_loss_weight > 0,
+        accelerator=accelerator,
+        batch_size=settings.target_batch_size,
+        progress=show,
+    )
+    target_seconds = time.perf_counter() - t0
+    if main:
+        ctx.log(f"{name}: teacher targets for {targets.num_pairs} (observation, noise) pairs in {target_seconds:.1f} s")
+
+    # Train a copy: wrappers (DDP, FSDP) may rewrite the module they are given.
+    objective = _MatchObjective(copy.deepcopy(student.module), teacher.module.action_std, settings.feature_loss_weight)
+    objective.train()
+    optimizer = torch.optim.AdamW(_param_groups(objective.student, settings.weight_decay), lr=settings.lr, foreach=True)
+    warmup = max(1, round(settings.warmup_fraction * settings.steps))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, settings.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    loader = torch.utils.data.DataLoader(
+        _PairDataset(targets),
+        batch_size=settings.batch_size,
+        sampler=_EpochSampler(targets.num_pairs, settings.steps * settings.batch_size, ctx.seed),
+        drop_last=True,
+        collate_fn=_batch_as_is,
+    )
+    objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
+
+    log_every = max(1, settings.steps // max(1, settings.log_points))
+    curve: list[list[float]] = []
+    window, count = torch.zeros((), device=accelerator.device), 0
+    t1 = time.perf_counter()
+    with tqdm(total=settings.steps, desc=name, disable=not show, mininterval=1.0) as bar:
+        for step, batch in enumerate(loader):
+            loss = objective(**batch)
+            accelerator.backward(loss)
+            if settings.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(objective.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            window += loss.detach()
+            count += 1
+            if (step + 1) % log_every == 0 or step + 1 == settings.steps:
+                # Each process's loss is the mean over its equal slice: their mean is the global loss.
+                value = float(accelerator.reduce(window / count, reduction="mean"))
+                curve.append([step + 1, value])
+                window.zero_()
+                count = 0
+                bar.set_postfix(loss=f"{value:.4g}")
+                if main:
+                    ctx.log(f"{name}: step {step + 1}/{settings.steps} loss {value:.4g}")
+            bar.update(1)
+    train_seconds = time.perf_counter() - t1
+
+    full = accelerator.get_state_dict(objective)
+    prefix = "student."
+    student.module.load_state_dict({k[len(prefix) :]: v.detach().cpu() for k, v in full.items() if k.startswith(prefix)})
+    student.module.eval()
+    accelerator.free_memory()
+    if main:
+        ctx.log(f"{name}: {settings.steps} steps in {train_seconds:.1f} s, final loss {curve[-1][1]:.4g}" if curve else f"{name}: no steps")
+    return {
+        "final_loss": curve[-1][1] if curve else None,
+        "initial_loss": curve[0][1] if curve else None,
+        "loss_curve": curve,
+        "target_seconds": round(target_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "processes": procs,
+    }
