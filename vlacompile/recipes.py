@@ -108,6 +108,9 @@ def check_recipe(recipe: Recipe, target) -> None:
     saw_export = False
     for i, s in enumerate(recipe.stages):
         mod = STAGES[s.name].load()
+        # Legality first: "the target has no FP8" is what the user needs to hear, not a kind mismatch.
+        if hasattr(mod, "check"):
+            mod.check(s.params, target, source=recipe.path or recipe.name)
         consumes, produces = mod.kinds(s.params, target)
         if consumes != kind:
             raise ConfigError(
@@ -116,8 +119,6 @@ def check_recipe(recipe: Recipe, target) -> None:
                 hint="order the stages so torch stages (distill, prune, modelopt quantize) come before export, "
                 "and ONNX Runtime quantize after it",
             )
-        if hasattr(mod, "check"):
-            mod.check(s.params, target, source=recipe.path or recipe.name)
         kind = produces
         saw_export = saw_export or s.name == "export"
     if not saw_export:

@@ -1,0 +1,194 @@
+"""End-to-end: `vlacompile build` on a tiny teacher, its exit codes, and what bad input leaves behind."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vlacompile.cli import main
+from vlacompile.errors import EXIT_GATE_FAILED, EXIT_INPUT_ERROR, EXIT_OK, EXIT_UNVERIFIED
+from vlacompile.resources import TARGETS_DIR
+
+TINY_RECIPE = """
+name = "tiny"
+seed = 0
+[[stages]]
+stage = "distill"
+vision_layers = [0]
+backbone_layers = [1]
+expert_layers = [0, 1]
+flow_steps = 1
+steps = 60
+batch_size = 16
+num_samples = 128
+[[stages]]
+stage = "export"
+[[stages]]
+stage = "quantize"
+precision = "int8"
+"""
+
+# A GPU-target recipe: modelopt Q/DQ INT8 before export, as TensorRT wants it.
+TINY_GPU_RECIPE = """
+name = "tiny-gpu"
+[[stages]]
+stage = "distill"
+expert_layers = [0]
+flow_steps = 2
+steps = 30
+batch_size = 16
+num_samples = 64
+[[stages]]
+stage = "quantize"
+precision = "int8"
+calibration_samples = 16
+[[stages]]
+stage = "export"
+"""
+
+
+def _target(tmp_path: Path, name: str, *, max_nmse: float, p99_ms: float = 1000.0) -> Path:
+    """x86-cpu with other tolerances, so a test can choose whether the accuracy gate passes."""
+    text = (TARGETS_DIR / "x86-cpu.toml").read_text()
+    text = text.replace("max_nmse = 0.05", f"max_nmse = {max_nmse}").replace("min_cosine = 0.95", "min_cosine = -1.0")
+    text = text.replace("p99_latency_ms = 10", f"p99_latency_ms = {p99_ms}").replace('name = "x86-cpu"', f'name = "{name}"')
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _build(args: list[str]):
+    result = CliRunner().invoke(main, ["build", "--quiet", "--calls", "20", *args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_checkpoint_module, tiny_episodes_module):
+    """One passing x86-cpu build shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    recipe = tmp / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+    target = _target(tmp, "loose-cpu", max_nmse=10.0)
+    out = tmp / "out"
+    result = _build(["--target", str(target), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module), "--recipe", str(recipe), "--out", str(out)])
+    return {"tmp": tmp, "recipe": recipe, "target": target, "out": out, "result": result}
+
+
+def test_build_passes_and_reports(built):
+    result, out = built["result"], built["out"]
+    assert result.exit_code == EXIT_OK, result.output
+    report = json.loads((out / "report.json").read_text())
+    # The stable subset CI scripts read.
+    assert report["schema_version"] and report["target"] == "loose-cpu" and report["passed"] is True
+    lat = report["latency"]
+    assert lat["teacher"]["p50_ms"] > 0 and lat["student"]["p50_ms"] > 0
+    assert lat["student"]["p99_ms"] >= lat["student"]["p50_ms"]
+    assert isinstance(lat["student"]["measured_on"], str) and lat["student"]["measured_on"]
+    assert 0 <= report["accuracy"]["nmse_vs_teacher"] < 10.0
+    # Every listed file exists with the recorded hash; the ONNX graph and the manifest are among them.
+    files = {f["path"]: f["sha256"] for f in report["artifact"]["files"]}
+    assert any(p.endswith(".onnx") for p in files) and "manifest.json" in files
+    for path, digest in files.items():
+        assert hashlib.sha256((out / path).read_bytes()).hexdigest() == digest, path
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    # The stages ran as the recipe said: 1 flow step, INT8.
+    assert report["student"]["flow_steps"] == 1 and report["student"]["precision"] == "int8"
+    assert [s["stage"] for s in report["stages"]] == ["distill", "export", "quantize"]
+    # No partial or lock debris beside the output.
+    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_report_command_prints_summary(built):
+    result = CliRunner().invoke(main, ["report", str(built["out"])])
+    assert result.exit_code == EXIT_OK
+    assert "loose-cpu" in result.output
+
+
+def test_failed_gate_exits_1_and_still_writes_report(built, tiny_checkpoint_module, tiny_episodes_module):
+    tmp = built["tmp"]
+    strict = _target(tmp, "strict-cpu", max_nmse=1e-9)
+    out = tmp / "strict-out"
+    result = _build(["--target", str(strict), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module), "--recipe", str(built["recipe"]), "--out", str(out)])
+    assert result.exit_code == EXIT_GATE_FAILED, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["status"] == "failed"
+    failed = [g for g in report["gates"]["gates"] if g["status"] == "fail"]
+    assert any("nmse" in g["name"].lower() for g in failed)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["fp8_on_cpu", "missing_checkpoint", "truncated_weights", "missing_column", "unknown_target", "unknown_stage"],
+)
+def test_bad_input_fails_fast_and_leaves_output_untouched(case, built, tiny_checkpoint_module, tiny_episodes_module):
+    tmp, out = built["tmp"], built["out"]
+    before = _hashes(out)
+    ckpt, eps, recipe, target = tiny_checkpoint_module, tiny_episodes_module, built["recipe"], str(built["target"])
+    expect = None
+    if case == "fp8_on_cpu":
+        recipe = tmp / "fp8.toml"
+        recipe.write_text(TINY_RECIPE.replace('precision = "int8"', 'precision = "fp8"'))
+        expect = ["fp8", "loose-cpu"]
+    elif case == "missing_checkpoint":
+        ckpt = tmp / "no-such-checkpoint"
+        expect = ["no-such-checkpoint"]
+    elif case == "truncated_weights":
+        ckpt = tmp / "truncated"
+        shutil.copytree(tiny_checkpoint_module, ckpt, dirs_exist_ok=True)
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+        expect = ["model.safetensors", "truncated"]
+    elif case == "missing_column":
+        import pyarrow.parquet as pq
+
+        eps = tmp / "no-action"
+        shutil.copytree(tiny_episodes_module, eps, dirs_exist_ok=True)
+        data_file = next((eps / "data").rglob("*.parquet"))
+        table = pq.read_table(data_file)
+        pq.write_table(table.drop(["action"]), data_file)
+        expect = ["action", data_file.name]
+    elif case == "unknown_target":
+        target = "jetson-nope"
+        expect = ["jetson-nope", "x86-cpu"]
+    elif case == "unknown_stage":
+        recipe = tmp / "unknown-stage.toml"
+        recipe.write_text(TINY_RECIPE.replace('stage = "export"', 'stage = "exprot"'))
+        expect = ["exprot", "export"]
+    result = _build(["--target", target, "--checkpoint", str(ckpt), "--episodes", str(eps), "--recipe", str(recipe), "--out", str(out)])
+    assert result.exit_code == EXIT_INPUT_ERROR, result.output
+    for word in expect:
+        assert word in result.output, (word, result.output)
+    assert "Hint:" in result.output
+    assert _hashes(out) == before
+
+
+def test_jetson_thor_build_is_unverified_but_produces_onnx(tmp_path, tiny_checkpoint_module, tiny_episodes_module):
+    recipe = tmp_path / "tiny-gpu.toml"
+    recipe.write_text(TINY_GPU_RECIPE)
+    # Thor's profile with chunks the tiny policy can supply (it emits 8 actions, Thor executes 16).
+    thor = tmp_path / "jetson-thor.toml"
+    thor.write_text((TARGETS_DIR / "jetson-thor.toml").read_text().replace("actions_per_chunk = 16", "actions_per_chunk = 8"))
+    out = tmp_path / "thor"
+    result = _build(["--target", str(thor), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module), "--recipe", str(recipe), "--out", str(out)])
+    assert (out / "report.json").is_file(), result.output
+    report = json.loads((out / "report.json").read_text())
+    if report["status"] == "failed":  # only accuracy can fail here: latency is never judged on an estimate
+        assert all(g["status"] != "fail" or "latency" not in g["name"] for g in report["gates"]["gates"])
+        pytest.fail(f"tiny GPU recipe failed its accuracy gate: {report['gates']}")
+    assert result.exit_code == EXIT_UNVERIFIED, result.output
+    assert report["status"] == "unverified" and report["passed"] is False
+    assert report["latency"]["student"]["measured_on"] is None
+    assert report["latency"]["student"]["kind"] == "estimated"
+    assert "estimated" in result.output.lower() and "not verified" in result.output.lower()
+    assert any(p.suffix == ".onnx" for p in out.iterdir())
+    statuses = {g["status"] for g in report["gates"]["gates"] if "latency" in g["name"] or "deadline" in g["name"]}
+    assert statuses and "pass" not in statuses
