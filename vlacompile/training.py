@@ -43,13 +43,7 @@ class MatchSettings:
 
 def model_inputs(policy: Policy, samples) -> dict[str, torch.Tensor]:
     """Samples -> the module's image, state and token tensors (noise is separate)."""
-    from vlacompile.tokenizer import ByteTokenizer
-
-    return {
-        "images": torch.from_numpy(samples.images),
-        "state": torch.from_numpy(samples.state),
-        "tokens": torch.from_numpy(ByteTokenizer(policy.spec.max_tokens).encode_batch(samples.tasks)),
-    }
+    return {k: torch.from_numpy(v) for k, v in samples.model_inputs(policy.spec).items()}
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -109,3 +109,28 @@ def test_empty_set_raises(es):
         make_samples(es.subset([]), chunk_size=2)
     with pytest.raises(EpisodeError):
         draw_stratified(es.subset([]), 5, chunk_size=2)
+
+
+def test_model_inputs_follow_the_policys_camera_order_not_the_episodes():
+    from vlacompile.data import make_synthetic_episodes
+    from vlacompile.data.sampling import make_samples
+    from vlacompile.policy import CameraSpec, PolicySpec
+
+    es = make_synthetic_episodes(2, image_size=32, cameras=("wrist", "front"), episode_length=6, seed=3)
+    samples = make_samples(es, chunk_size=4)
+    assert samples.camera_names == ("wrist", "front")
+    spec = PolicySpec(
+        family="x", cameras=(CameraSpec("front", 32, 32), CameraSpec("wrist", 32, 32)), state_dim=es.state_dim,
+        action_dim=es.action_dim, chunk_size=4, flow_steps=1, max_tokens=16, control_hz=10.0,
+        action_mean=(0.0,) * es.action_dim, action_std=(1.0,) * es.action_dim,
+    )
+    inputs = samples.model_inputs(spec)
+    np.testing.assert_array_equal(inputs["images"][:, 0], samples.images[:, 1])  # front
+    np.testing.assert_array_equal(inputs["images"][:, 1], samples.images[:, 0])  # wrist
+    assert inputs["tokens"].shape == (len(samples), 16)
+    # A subset keeps the camera order it came with.
+    assert samples.select([0, 1]).camera_names == ("wrist", "front")
+
+    spec_missing = PolicySpec(**{**spec.__dict__, "cameras": (CameraSpec("top", 32, 32),)})
+    with pytest.raises(EpisodeError, match="top"):
+        samples.model_inputs(spec_missing)

@@ -20,6 +20,7 @@ class Samples:
     actions: np.ndarray  # float32 [N, chunk, action_dim]: a[t:t+chunk], last action repeated past the end
     episode_index: np.ndarray  # int64 [N]
     frame_index: np.ndarray  # int64 [N]
+    camera_names: tuple[str, ...] = ()  # the order of the images' camera axis
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
@@ -40,7 +41,26 @@ class Samples:
             actions=self.actions[rows],
             episode_index=self.episode_index[rows],
             frame_index=self.frame_index[rows],
+            camera_names=self.camera_names,
         )
+
+    def model_inputs(self, spec) -> dict[str, np.ndarray]:
+        """The policy's inputs less the noise: images in the POLICY's camera order, state, tokens."""
+        from vlacompile.tokenizer import ByteTokenizer
+
+        missing = [c.name for c in spec.cameras if c.name not in self.camera_names]
+        if missing:
+            raise EpisodeError(
+                f"the policy reads cameras {missing} that the episodes do not have ({list(self.camera_names)})",
+                source="episodes",
+                hint="use episodes recorded with the policy's cameras",
+            )
+        order = [self.camera_names.index(c.name) for c in spec.cameras]
+        return {
+            "images": np.ascontiguousarray(self.images[:, order]),
+            "state": self.state.astype(np.float32),
+            "tokens": ByteTokenizer(spec.max_tokens).encode_batch(self.tasks),
+        }
 
 
 def make_samples(
@@ -100,7 +120,7 @@ def _samples_at(es: EpisodeSet, pairs: list[tuple[int, int]], chunk_size: int) -
         episode_index[row] = ep.index
         frame_index[row] = t
         tasks.append(ep.task)
-    return Samples(images, state, tasks, actions, episode_index, frame_index)
+    return Samples(images, state, tasks, actions, episode_index, frame_index, tuple(cams))
 
 
 def draw_stratified(es: EpisodeSet, n: int, *, chunk_size: int, seed: int = 0) -> Samples:

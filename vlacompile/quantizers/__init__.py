@@ -45,14 +45,7 @@ def sample_inputs(spec: PolicySpec, episodes, n: int, *, seed: int = 0) -> dict[
     Cameras are reordered to the policy's order; tokens come from the policy's byte tokenizer.
     """
     from vlacompile.data.sampling import draw_stratified
-    from vlacompile.tokenizer import ByteTokenizer
 
     samples = draw_stratified(episodes, n, chunk_size=spec.chunk_size, seed=seed)
-    cam_pos = [list(episodes.camera_names).index(c.name) for c in spec.cameras]
     noise = np.random.default_rng(seed).standard_normal((len(samples), spec.chunk_size, spec.action_dim), dtype=np.float32)
-    return {
-        "images": np.ascontiguousarray(samples.images[:, cam_pos]),
-        "state": samples.state.astype(np.float32),
-        "tokens": ByteTokenizer(spec.max_tokens).encode_batch(samples.tasks),
-        "noise": noise,
-    }
+    return {**samples.model_inputs(spec), "noise": noise}

@@ -132,7 +132,6 @@ def held_out_inputs(held_out, spec, *, max_samples: int = 256, seed: int = 0) ->
     """Every stride-th frame of every held-out episode, at most ``max_samples`` (with more episodes
     than that, a stratified draw over tasks, episodes and time)."""
     from vlacompile.data import draw_stratified, make_samples
-    from vlacompile.tokenizer import ByteTokenizer
 
     missing = [c.name for c in spec.cameras if c.name not in held_out.camera_names]
     if missing:
@@ -147,14 +146,13 @@ def held_out_inputs(held_out, spec, *, max_samples: int = 256, seed: int = 0) ->
     else:
         samples = make_samples(held_out, chunk_size=spec.chunk_size, stride=stride)
     n = len(samples)
-    cam_pos = [held_out.camera_names.index(c.name) for c in spec.cameras]
-    images = np.ascontiguousarray(samples.images[:, cam_pos])
-    tokens = ByteTokenizer(spec.max_tokens).encode_batch(samples.tasks)
+    model_in = samples.model_inputs(spec)
+    images = model_in["images"]
     rng = np.random.default_rng(seed)
     shape = (n, spec.chunk_size, spec.action_dim)
     noise = rng.standard_normal(shape, dtype=np.float32)
     noise2 = rng.standard_normal(shape, dtype=np.float32)
-    inputs = {"images": images, "state": samples.state.astype(np.float32), "tokens": tokens, "noise": noise}
+    inputs = {**model_in, "noise": noise}
     k = min(n, LATENCY_OBSERVATIONS)
     observations = [_observation(images[i], samples.state[i], samples.tasks[i], spec.cameras) for i in range(k)]
     return HeldOutInputs(samples, inputs, noise2, observations, [noise[i] for i in range(k)], stride)
