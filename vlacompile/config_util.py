@@ -20,6 +20,22 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"not valid TOML ({e})", source=path, hint="fix the syntax at the position given") from None
 
 
+def resolve_toml(name_or_path: str | Path, directory: Path, *, what: str, option: str) -> Path:
+    """``name`` -> ``directory/name.toml``; a path to a TOML file is taken as it is."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        return p
+    path = directory / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(q.stem for q in directory.glob("*.toml")))
+        raise ConfigError(
+            f"unknown {what} {str(name_or_path)!r}",
+            source=option,
+            hint=f"known {what}s: {known} (or pass a path to a {what} TOML file)",
+        )
+    return path
+
+
 def _in_int64(value: int | float) -> bool:
     # TOML integers are 64-bit; a dict built in Python could hold larger ones, which overflow float().
     return isinstance(value, float) or -(2**63) <= value < 2**63

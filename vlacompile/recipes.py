@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlacompile.config_util import from_dict, read_toml, to_dict
+from vlacompile.config_util import from_dict, read_toml, resolve_toml, to_dict
 from vlacompile.errors import ConfigError
 from vlacompile.resources import RECIPES_DIR
 from vlacompile.stages import STAGES
@@ -88,17 +88,7 @@ def parse_recipe(data: dict, source: str | Path) -> Recipe:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
-        path = p
-    else:
-        path = RECIPES_DIR / f"{name_or_path}.toml"
-        if not path.is_file():
-            raise ConfigError(
-                f"unknown recipe {str(name_or_path)!r}",
-                source="--recipe",
-                hint=f"known recipes: {', '.join(list_recipes())} (or pass a path to a recipe TOML file)",
-            )
+    path = resolve_toml(name_or_path, RECIPES_DIR, what="recipe", option="--recipe")
     return parse_recipe(read_toml(path), path)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vlacompile.config_util import from_dict, read_toml, to_dict
+from vlacompile.config_util import from_dict, read_toml, resolve_toml, to_dict
 from vlacompile.errors import ConfigError
 from vlacompile.resources import TARGETS_DIR
 
@@ -137,17 +137,7 @@ def parse_target(data: dict, source: str | Path) -> TargetProfile:
 
 def load_target(name_or_path: str | Path) -> TargetProfile:
     """A target by name (targets/<name>.toml) or by path to a TOML file."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
-        path = p
-    else:
-        path = TARGETS_DIR / f"{name_or_path}.toml"
-        if not path.is_file():
-            raise ConfigError(
-                f"unknown target {str(name_or_path)!r}",
-                source="--target",
-                hint=f"known targets: {', '.join(list_targets())} (or pass a path to a target TOML file)",
-            )
+    path = resolve_toml(name_or_path, TARGETS_DIR, what="target", option="--target")
     return parse_target(read_toml(path), path)
 
 
