@@ -42,8 +42,10 @@ TINY_EPISODE_LENGTH = 20
 TINY_WEIGHT_SEED = 1234
 
 
-def make_tiny_config() -> ReferenceConfig:
-    return ReferenceConfig(
+def make_tiny_config(**overrides) -> ReferenceConfig:
+    """The tiny teacher's config (2+2+2 layers, width 64, 32 px, chunk 8, 4 flow steps); also used
+    by tests/stages/ddp_worker.py, which runs as a separate process."""
+    base = dict(
         cameras=("front",),
         image_size=32,
         patch_size=8,
@@ -60,6 +62,7 @@ def make_tiny_config() -> ReferenceConfig:
         chunk_size=8,
         flow_steps=4,
     )
+    return ReferenceConfig(**{**base, **overrides})
 
 
 def make_tiny_episode_set() -> EpisodeSet:

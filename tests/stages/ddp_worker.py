@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, also when run as a script
+from conftest import make_tiny_config  # noqa: E402
+
 from vlacompile.checkpoint import new_policy
 from vlacompile.families.reference import ReferenceConfig
 
@@ -24,24 +27,7 @@ SEED = 0
 
 
 def tiny_config(**overrides) -> ReferenceConfig:
-    base = dict(
-        cameras=("front",),
-        image_size=32,
-        patch_size=8,
-        vision_heads=(2, 2),
-        vision_mlp=(64, 64),
-        backbone_heads=(2, 2),
-        backbone_mlp=(64, 64),
-        expert_heads=(2, 2),
-        expert_mlp=(64, 64),
-        vision_width=64,
-        backbone_width=64,
-        expert_width=64,
-        head_dim=16,
-        chunk_size=8,
-        flow_steps=4,
-    )
-    return ReferenceConfig(**{**base, **overrides})
+    return make_tiny_config(**overrides)
 
 
 def tiny_episodes():

@@ -15,13 +15,8 @@ from vlacompile.errors import ConfigError
 from vlacompile.stages import Artifact, BuildContext, prune
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second thread, and lose a lot when the other core is busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models gain nothing from a second thread, and lose a lot when the other core is busy.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
