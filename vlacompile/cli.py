@@ -105,5 +105,21 @@ def report(artifact: Path, as_json: bool) -> None:
     sys.exit(int(data.get("exit_code", 0)))
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--workspace-mb", type=click.IntRange(min=64), default=4096, show_default=True, help="TensorRT builder workspace limit.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Timing cache file: reused (never rewritten) when it exists, written otherwise.")
+def engine(artifact: Path, workspace_mb: int, timing_cache: Path | None) -> None:
+    """Build TensorRT plans for a built ARTIFACT's ONNX graphs, on this machine's GPU (writes *.plan and engine.json)."""
+    from vlacompile.trt.engine import build_artifact_engines
+
+    try:
+        built = build_artifact_engines(artifact, workspace_mb=workspace_mb, timing_cache=timing_cache, log=lambda m: click.echo(m, err=True))
+    except VlaCompileError as err:
+        _fail(err)
+    for name, entry in built.items():
+        click.echo(f"{artifact / name}: {entry['precision']}, {entry['bytes'] / 2**20:.1f} MB, sha256 {entry['sha256'][:12]}")
+
+
 if __name__ == "__main__":
     main()

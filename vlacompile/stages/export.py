@@ -29,6 +29,7 @@ import ast
 import contextlib
 import hashlib
 import io
+import json
 import re
 import time
 import warnings
@@ -44,6 +45,10 @@ from vlacompile.policy import INPUT_NAMES, OUTPUT_NAMES, Policy
 from vlacompile.stages import Artifact, BuildContext, Kind
 
 ONNX_NAME = "student.onnx"
+SPLIT_NAMES = {"system2": "system2.onnx", "system1": "system1.onnx"}
+SPLIT_JSON = "split.json"
+SYSTEM2_INPUTS, SYSTEM2_OUTPUTS = ("images", "tokens"), ("prefix", "prefix_mask")
+SYSTEM1_INPUTS, SYSTEM1_OUTPUTS = ("x_t", "t", "state_n", "prefix", "prefix_mask"), ("velocity",)
 MIN_OPSET, MAX_OPSET = 17, 21  # 17: LayerNormalization is one op; 21: the newest both exporters write
 COMPARE_SAMPLES = 4  # calibration observations (or example inputs) the ORT-vs-torch check runs
 
@@ -63,6 +68,9 @@ class Params:
     # (measured ~0.2% on the tiny teacher); a wrong scale or axis gives errors of order 1.
     quantized_rel_rms: float = 0.05
     external_data_threshold_mb: float = 1024  # weights go to <name>.data above this total size
+    # Also write System 2 (once per chunk) and one System 1 step (K times) as separate graphs, for
+    # runtimes that schedule them apart (TensorRT on the device) and for per-part latency.
+    split: bool = False
 
 
 def kinds(params: Params, target) -> tuple[Kind, Kind]:
@@ -515,6 +523,166 @@ def sha256_files(paths: list[Path]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Split export: System 2 and one System 1 step as two graphs
+
+
+def _part_module(module, method: str):
+    """A module whose children are ``module``'s and whose forward is ``module.<method>``: exported
+    node names stay ``/vision/...``, ``/expert/...`` as in the single graph (quantiser excludes and
+    reports name nodes the same way). The method may use only the module's children."""
+    import torch
+
+    class Part(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, child in module.named_children():
+                self.add_module(name, child)
+
+        def forward(self, *args):
+            return getattr(type(module), method)(self, *args)
+
+    return Part().eval()
+
+
+def split_stats(module) -> dict[str, list[float]]:
+    """The normalisation statistics the split runner applies outside the graphs."""
+    names = ("state_mean", "state_std", "action_mean", "action_std")
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing or not all(hasattr(module, m) for m in ("prefix", "velocity")):
+        raise ExportError(
+            f"the policy module has no prefix()/velocity() methods or no {missing} buffers: it cannot be split "
+            "into System 2 and System 1 graphs",
+            source="export",
+            hint="set export.split = false for this family",
+        )
+    return {n: [float(v) for v in getattr(module, n).detach().cpu().float().reshape(-1)] for n in names}
+
+
+def _export_part(part, args: tuple, names: tuple, outputs: tuple, path: Path, *, opset: int, dynamo: bool,
+                 external_data_threshold_mb: float) -> None:
+    import logging
+    import tempfile
+
+    import onnx
+    import torch
+
+    log = io.StringIO()
+    torch_onnx_log = logging.getLogger("torch.onnx")
+    level = torch_onnx_log.level
+    try:
+        torch_onnx_log.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(log), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if dynamo:
+                model = torch.onnx.export(
+                    part, args, None, input_names=list(names), output_names=list(outputs),
+                    opset_version=opset, dynamo=True, verbose=False,
+                ).model_proto
+            else:
+                with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+                    torch.onnx.export(
+                        part, args, str(Path(tmp) / "model.onnx"), input_names=list(names), output_names=list(outputs),
+                        opset_version=opset, dynamo=False, do_constant_folding=True,
+                    )
+                    model = onnx.load(str(Path(tmp) / "model.onnx"))
+    except Exception as e:
+        detail = str(e).strip().splitlines()
+        raise ExportError(
+            f"the {'dynamo' if dynamo else 'torchscript'} exporter failed on {path.stem}: {detail[0] if detail else type(e).__name__}",
+            source="export",
+            hint="try the other exporter (export.dynamo = true/false), or set export.split = false; the exporter said:\n"
+            + log.getvalue()[-2000:],
+        ) from e
+    finally:
+        torch_onnx_log.setLevel(level)
+    normalize_graph(model, exporter="dynamo" if dynamo else "torchscript", module=part)
+    save_onnx(model, path, external_data_threshold_mb=external_data_threshold_mb)
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}", source=path) from None
+
+
+def export_split(
+    policy: Policy,
+    out_dir: str | Path,
+    *,
+    opset: int = 18,
+    dynamo: bool | None = None,
+    batch_size: int = 1,
+    external_data_threshold_mb: float = 1024,
+) -> dict[str, Any]:
+    """Write ``system2.onnx``, ``system1.onnx`` and ``split.json`` into ``out_dir``.
+
+    system2: images uint8 [B, cams, 3, H, W], tokens int64 [B, L] -> prefix [B, T, W] and
+    prefix_mask (additive, as the family's velocity() reads it: [B, 1, 1, T] for the reference family).
+    system1: one velocity evaluation x_t [B, H, A], t [B], state_n [B, S] (normalised state),
+    prefix, prefix_mask -> velocity [B, H, A].
+    The runner normalises the state, integrates K Euler steps (x += v / K at t = i / K) and
+    un-normalises the actions in numpy, with the statistics ``split.json`` records. Static shapes
+    at ``batch_size``. Returns what the export record stores.
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module = policy.module.eval()
+    stats = split_stats(module)
+    quantized = is_fake_quantized(module)
+    use_dynamo = (not quantized) if dynamo is None else dynamo
+    if use_dynamo and quantized:
+        raise ExportError(
+            "a modelopt fake-quant model cannot be exported with the dynamo exporter",
+            source="export", hint="set dynamo = false (or leave it unset) in the export stage",
+        )
+    ex = policy.spec.example_inputs(batch=batch_size, seed=0)
+    with torch.no_grad():
+        prefix, prefix_mask = module.prefix(ex["images"], ex["tokens"])
+        state_n = module.normalize_state(ex["state"]) if hasattr(module, "normalize_state") else ex["state"]
+    t = torch.zeros(batch_size)
+    parts = {
+        "system2": ("prefix", (ex["images"], ex["tokens"]), SYSTEM2_INPUTS, SYSTEM2_OUTPUTS),
+        "system1": ("velocity", (ex["noise"], t, state_n, prefix, prefix_mask), SYSTEM1_INPUTS, SYSTEM1_OUTPUTS),
+    }
+    manifest: dict[str, Any] = {
+        "format": 1,
+        "family": policy.family,
+        "batch_size": batch_size,
+        "flow_steps": policy.spec.flow_steps,
+        "integration": "euler: x_0 = noise; x += velocity(x, t=i/K) / K for i in 0..K-1; actions = x * action_std + action_mean",
+        **stats,
+    }
+    files: list[Path] = []
+    nodes: dict[str, int] = {}
+    import onnx
+
+    for part, (method, args, names, outputs) in parts.items():
+        path = out_dir / SPLIT_NAMES[part]
+        _export_part(
+            _part_module(module, method), args, names, outputs, path, opset=opset, dynamo=use_dynamo,
+            external_data_threshold_mb=external_data_threshold_mb,
+        )
+        graph = onnx.load(str(path), load_external_data=False).graph
+        nodes[part] = len(graph.node)
+        manifest[part] = {
+            "onnx": path.name,
+            "inputs": {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input},
+            "outputs": {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output},
+        }
+        files += onnx_files(path)
+    (out_dir / SPLIT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return {
+        "onnx": [SPLIT_NAMES["system2"], SPLIT_NAMES["system1"]],
+        "manifest": SPLIT_JSON,
+        "files": [p.name for p in files] + [SPLIT_JSON],
+        "bytes": sum(p.stat().st_size for p in files),
+        "sha256": sha256_files(files),
+        "nodes": nodes,
+        "exporter": "dynamo" if use_dynamo else "torchscript",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # ORT vs torch (polygraphy)
 
 
@@ -691,6 +859,8 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
                 hint="try the other exporter (export.dynamo = true/false) or another opset; "
                 "raise export.max_abs_diff only if the model's action scale makes 1e-3 too strict",
             )
+    if params.split:
+        record["split"] = _split_and_check(policy, params, ctx, quantized=quantized, foreign=bool(foreign))
     record["seconds"] = round(time.perf_counter() - t0, 2)
     return Artifact(
         policy=policy,
@@ -699,3 +869,45 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
         quantized_torch=artifact.quantized_torch,
         records=[*artifact.records, record],
     )
+
+
+def _split_and_check(policy: Policy, params: Params, ctx: BuildContext, *, quantized: bool, foreign: bool) -> dict[str, Any]:
+    """Write the System 2 / System 1 graphs beside the single graph and check that running them in
+    order (System 2 once, System 1 K times) gives torch's actions."""
+    import torch
+
+    from vlacompile.backends.split import SplitRunner
+
+    t0 = time.perf_counter()
+    info = export_split(
+        policy, ctx.workdir, opset=params.opset, dynamo=params.dynamo, batch_size=params.batch_size,
+        external_data_threshold_mb=params.external_data_threshold_mb,
+    )
+    if foreign:
+        info["comparison"] = "skipped: TensorRT-only ops (checked when the engines are built on the device)"
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        return info
+    feeds, _ = comparison_feeds(policy, ctx, params.batch_size)
+    runner = SplitRunner(ctx.workdir, policy.spec)
+    got = np.concatenate([runner.run(f) for f in feeds]).astype(np.float64)
+    with torch.inference_mode():
+        want = np.concatenate([policy.module(*[torch.from_numpy(np.ascontiguousarray(f[k])) for k in INPUT_NAMES]).numpy() for f in feeds])
+    d = got - want
+    tol = params.max_abs_diff
+    info.update(
+        compared_against="torch fake-quant" if quantized else "torch fp32",
+        max_abs_diff=float(np.abs(d).max()),
+        rel_rms=float(np.sqrt(np.mean(d**2)) / max(np.sqrt(np.mean(want.astype(np.float64) ** 2)), 1e-12)),
+    )
+    ctx.log(f"export: split graphs (System 2 + {policy.spec.flow_steps} x System 1) vs {info['compared_against']}: "
+            f"max |diff| {info['max_abs_diff']:.3g}")
+    bad = info["rel_rms"] > params.quantized_rel_rms if quantized else not np.all(np.abs(d) <= tol * np.maximum(1.0, np.abs(want)))
+    if bad:
+        raise ExportError(
+            f"the split graphs run in order differ from torch by up to {info['max_abs_diff']:.3g} "
+            f"(relative RMS {info['rel_rms']:.3g})",
+            source=Path(ctx.workdir) / SPLIT_JSON,
+            hint="the split export disagrees with the single graph; set export.split = false and report the model",
+        )
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    return info
