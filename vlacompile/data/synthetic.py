@@ -31,6 +31,7 @@ MAX_STEP = 0.06  # table units moved per step at full command
 BLOCK_HALF = 0.055  # half side of a block
 LIFTED_HALF = 0.07
 ARRIVE_DIST = 0.03
+GRASP_RADIUS = BLOCK_HALF  # a closed gripper lifts a block only when it is over it
 PUSH_CONTACT = 0.075  # gripper-to-block-centre distance while pushing
 PUSH_SPEED = 0.35  # command magnitude while pushing (slower than reaching)
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -141,6 +142,97 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / n if n > 1e-9 else np.array([1.0, 0.0])
 
 
+class World:
+    """The table's state and dynamics for one instruction: what the episode generator records and
+    what the closed-loop environment (``vlacompile.sim.reaching``) steps, so both behave the same.
+
+    Contact is scripted as in the demonstrations: only the named block of a ``push`` instruction is
+    pushed, once the gripper has reached the contact point behind it (seen from where the gripper
+    started); then the block stays ``PUSH_CONTACT`` ahead of the gripper along that direction. A
+    closed gripper lifts the block under it on a lift command, and the block then follows the gripper.
+    """
+
+    def __init__(self, scene: Scene, task: str, episode_length: int = 40):
+        self.task = task
+        self.verb, self.colour = parse_task(task)
+        self.episode_length = int(episode_length)
+        self.blocks = {c: p.copy() for c, p in scene.blocks.items()}
+        self.start_blocks = {c: p.copy() for c, p in scene.blocks.items()}
+        self.gripper = scene.gripper.astype(np.float64).copy()
+        self.opening = 1.0
+        self.velocity = np.zeros(2)  # the previous step's command
+        self.push_dir = _unit(self.blocks[self.colour] - self.gripper)
+        self.arrived = False  # latched: the gripper has reached target() once
+        self.lifted: str | None = None
+        self.t = 0
+        self._latch_arrival()
+
+    def target(self) -> np.ndarray:
+        """Where the gripper goes first: the named block, or the contact point behind it for ``push``."""
+        target = self.blocks[self.colour]
+        if self.verb == "push":
+            target = target - self.push_dir * PUSH_CONTACT
+        return target
+
+    def _latch_arrival(self) -> None:
+        if not self.arrived and np.linalg.norm(self.target() - self.gripper) < ARRIVE_DIST:
+            self.arrived = True
+
+    def pushed_to_edge(self) -> bool:
+        """Whether the named block, pushed a little further, would reach the table's edge band."""
+        ahead = self.blocks[self.colour] + self.push_dir * 0.02
+        return bool(np.any(ahead < 0.08) or np.any(ahead > 0.92))
+
+    def state(self) -> np.ndarray:
+        T = self.episode_length
+        g, v = self.gripper, self.velocity
+        return np.array((g[0], g[1], self.opening, v[0], v[1], self.t / (T - 1) if T > 1 else 0.0), dtype=np.float32)
+
+    def render(self, size: int, view_index: int, grid: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        return render(size, view_index, self.blocks, self.lifted, self.gripper, self.opening, _grid=grid)
+
+    def step(self, action) -> None:
+        """Apply one action (dx, dy, gripper close, lift); the last two act when above 0.5."""
+        cmd = np.clip(np.asarray(action[:2], dtype=np.float64), -1.0, 1.0)
+        self.gripper = np.clip(self.gripper + MAX_STEP * cmd, 0.0, 1.0)
+        self.velocity = cmd.copy()
+        if action[2] > 0.5:
+            self.opening = max(0.0, self.opening - 0.34)
+        if action[3] > 0.5 and self.lifted is None and self.opening <= 0.0:
+            dist = {c: float(np.linalg.norm(p - self.gripper)) for c, p in self.blocks.items()}
+            nearest = min(dist, key=dist.get)
+            if dist[nearest] < GRASP_RADIUS:
+                self.lifted = nearest
+        if self.lifted is not None:
+            self.blocks[self.lifted] = self.gripper.copy()
+        elif self.verb == "push" and self.arrived:
+            self.blocks[self.colour] = np.clip(self.gripper + self.push_dir * PUSH_CONTACT, 0.0, 1.0)
+        self.t += 1
+        self._latch_arrival()
+
+
+def expert_action(world: World, noise: np.ndarray) -> np.ndarray:
+    """The scripted expert's next action (float64 [4]) in ``world``; ``noise`` (2,) is added to the
+    velocity command (the demonstrations draw it from N(0, 0.03^2))."""
+    g = world.gripper
+    grip = 0.0
+    lift = 0.0
+    if world.verb == "push" and world.arrived:
+        desired = np.zeros(2) if world.pushed_to_edge() else world.push_dir * PUSH_SPEED
+    else:
+        desired = (world.target() - g) / MAX_STEP * 0.6
+        n = float(np.linalg.norm(desired))
+        if n > 1.0:
+            desired = desired / n
+    if world.verb == "pick up" and world.arrived:
+        grip = 1.0
+        if world.opening <= 0.0:
+            lift = 1.0
+    # The expert smooths its command: half the previous one (the world's velocity) plus half the new.
+    cmd = np.clip(0.5 * world.velocity + 0.5 * desired + noise, -1.0, 1.0)
+    return np.array((cmd[0], cmd[1], grip, lift))
+
+
 def make_synthetic_episode(
     task: str,
     *,
@@ -156,67 +248,23 @@ def make_synthetic_episode(
     Two calls with the same seeds and different instructions see the same scene and the same
     noise, so any difference in their actions comes from the instruction.
     """
-    verb, colour = parse_task(task)
-    scene = make_scene(np.random.default_rng(scene_seed))
+    parse_task(task)
     noise = np.random.default_rng(scene_seed + 7919 if noise_seed is None else noise_seed)
     cams = tuple(cameras)
     grids = [_pixel_world(image_size, _VIEWS[i % len(_VIEWS)]) for i in range(len(cams))]
     T = int(episode_length)
-
-    blocks = {c: p.copy() for c, p in scene.blocks.items()}
-    g = scene.gripper.astype(np.float64).copy()
-    opening = 1.0
-    vel = np.zeros(2)
-    cmd_prev = np.zeros(2)
-    push_dir = _unit(blocks[colour] - g)
-    arrived = False
-    lifted: str | None = None
+    world = World(make_scene(np.random.default_rng(scene_seed)), task, episode_length=T)
 
     images = {c: np.empty((T, image_size, image_size, 3), dtype=np.uint8) for c in cams}
     state = np.empty((T, 6), dtype=np.float32)
     action = np.empty((T, 4), dtype=np.float32)
     for t in range(T):
-        state[t] = (g[0], g[1], opening, vel[0], vel[1], t / (T - 1) if T > 1 else 0.0)
+        state[t] = world.state()
         for i, cam in enumerate(cams):
-            images[cam][t] = render(image_size, i, blocks, lifted, g, opening, _grid=grids[i])
-
-        target = blocks[colour]
-        if verb == "push":
-            target = target - push_dir * PUSH_CONTACT
-        if not arrived and np.linalg.norm(target - g) < ARRIVE_DIST:
-            arrived = True
-
-        grip = 0.0
-        lift = 0.0
-        if verb == "push" and arrived:
-            near_edge = np.any(blocks[colour] + push_dir * 0.02 < 0.08) or np.any(blocks[colour] + push_dir * 0.02 > 0.92)
-            desired = np.zeros(2) if near_edge else push_dir * PUSH_SPEED
-        else:
-            desired = (target - g) / MAX_STEP * 0.6
-            n = float(np.linalg.norm(desired))
-            if n > 1.0:
-                desired = desired / n
-        if verb == "pick up" and arrived:
-            grip = 1.0
-            if opening <= 0.0:
-                lift = 1.0
-        cmd = 0.5 * cmd_prev + 0.5 * desired + noise.normal(0.0, 0.03, size=2)
-        cmd = np.clip(cmd, -1.0, 1.0)
-        action[t] = (cmd[0], cmd[1], grip, lift)
-
-        # Apply the action.
-        step = MAX_STEP * cmd
-        g = np.clip(g + step, 0.0, 1.0)
-        vel = cmd.copy()
-        cmd_prev = cmd
-        if grip > 0:
-            opening = max(0.0, opening - 0.34)
-        if lift > 0:
-            lifted = colour
-        if lifted == colour:
-            blocks[colour] = g.copy()
-        elif verb == "push" and arrived:
-            blocks[colour] = np.clip(g + push_dir * PUSH_CONTACT, 0.0, 1.0)
+            images[cam][t] = world.render(image_size, i, grids[i])
+        a = expert_action(world, noise.normal(0.0, 0.03, size=2))
+        action[t] = a
+        world.step(a)
 
     return Episode(index=index, task=task, images=images, state=state, action=action)
 

@@ -1,0 +1,174 @@
+"""Closed-loop evaluation: seeds shared by teacher and student, chunked execution, the gate."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vlacompile.backends.torch_eager import TorchRunner
+from vlacompile.errors import ConfigError, MissingDependencyError
+from vlacompile.sim import SUITES, Suite, get_suite
+from vlacompile.sim.reaching import ScriptedExpert
+from vlacompile.sim.rollout import compare, evaluate
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class Recording:
+    """Wraps a runner; records the first observation and every noise it is given."""
+
+    def __init__(self, runner):
+        self.runner, self.spec, self.name = runner, runner.spec, getattr(runner, "name", "runner")
+        self.first_obs: list[dict] = []
+        self.noises: list[np.ndarray] = []
+        self._new = False
+
+    def begin_episode(self, env):
+        self._new = True
+        if hasattr(self.runner, "begin_episode"):
+            self.runner.begin_episode(env)
+
+    def get_action(self, obs, noise):
+        if self._new:
+            self.first_obs.append(obs)
+            self._new = False
+        self.noises.append(noise.copy())
+        return self.runner.get_action(obs, noise)
+
+
+class Still:
+    """Never moves, so never succeeds: every episode runs to max_steps."""
+
+    name = "still"
+
+    def __init__(self, chunk_size: int):
+        self.spec = type("Spec", (), {"chunk_size": chunk_size, "action_dim": 4, "cameras": ()})()
+        self.calls = 0
+
+    def get_action(self, obs, noise):
+        self.calls += 1
+        return np.zeros((self.spec.chunk_size, 4), np.float32)
+
+
+def _strip_time(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in ("seconds", "seconds_per_episode")}
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return get_suite("reaching", cameras=("front",), image_size=32)
+
+
+TASKS = ["push the red block", "move to the blue block"]
+
+
+def test_same_seed_gives_identical_results(suite, tiny_policy):
+    runs = [evaluate(TorchRunner(tiny_policy), suite, tasks=TASKS, episodes_per_task=2, seed=7, actions_per_chunk=4, progress=False) for _ in range(2)]
+    assert _strip_time(runs[0]) == _strip_time(runs[1])
+    other = evaluate(TorchRunner(tiny_policy), suite, tasks=TASKS, episodes_per_task=2, seed=8, actions_per_chunk=4, progress=False)
+    assert [r["seed"] for r in other["runs"]] != [r["seed"] for r in runs[0]["runs"]]
+
+
+def test_teacher_and_student_see_the_same_initial_states_and_noise(suite, tiny_policy):
+    teacher = Recording(TorchRunner(tiny_policy))
+    student = Recording(ScriptedExpert(tiny_policy.spec.chunk_size))  # a very different controller
+    rt = evaluate(teacher, suite, tasks=TASKS, episodes_per_task=3, seed=11, actions_per_chunk=4, progress=False)
+    rs = evaluate(student, suite, tasks=TASKS, episodes_per_task=3, seed=11, actions_per_chunk=4, progress=False)
+    assert len(teacher.first_obs) == len(student.first_obs) == 6
+    for a, b in zip(teacher.first_obs, student.first_obs):
+        np.testing.assert_array_equal(a["images"]["front"], b["images"]["front"])
+        np.testing.assert_array_equal(a["state"], b["state"])
+        assert a["task"] == b["task"]
+    # Scenes differ between episodes, and the first chunk's noise is shared.
+    assert not np.array_equal(teacher.first_obs[0]["state"], teacher.first_obs[1]["state"])
+    np.testing.assert_array_equal(teacher.noises[0], student.noises[0])
+    assert [r["seed"] for r in rt["runs"]] == [r["seed"] for r in rs["runs"]]
+    # A task subset keeps each task's seeds: episode seeds depend on the task's index in the suite.
+    sub = evaluate(Recording(ScriptedExpert(8)), suite, tasks=TASKS[1:], episodes_per_task=3, seed=11, actions_per_chunk=4, progress=False)
+    assert [r["seed"] for r in sub["runs"]] == [r["seed"] for r in rs["runs"][3:]]
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 16, 40])
+def test_each_chunk_executes_exactly_n_actions(suite, n):
+    runner = Still(chunk_size=16)
+    result = evaluate(runner, suite, tasks=["move to the red block"], episodes_per_task=2, seed=0, actions_per_chunk=n, progress=False)
+    executed = min(n, 16)  # at most the whole chunk
+    per_episode = math.ceil(suite.max_steps / executed)
+    assert runner.calls == 2 * per_episode
+    assert result["actions_per_chunk"] == executed
+    assert all(r["steps"] == suite.max_steps and r["chunks"] == per_episode and not r["success"] for r in result["runs"])
+
+
+def test_report_fields(suite):
+    result = evaluate(ScriptedExpert(8), suite, tasks=TASKS, episodes_per_task=2, seed=1, actions_per_chunk=8, progress=False)
+    assert result["episodes"] == 4 and result["success_rate"] == 1.0
+    for task in TASKS:
+        t = result["tasks"][task]
+        assert t["episodes"] == 2 and t["successes"] == 2
+        assert t["mean_steps_success"] == np.mean([r["steps"] for r in result["runs"] if r["task"] == task])
+        assert t["mean_jerk"] is not None and t["mean_jerk"] >= 0
+
+
+def _result(successes: list[bool], seed: int = 0) -> dict:
+    runs = [{"task": "t", "episode": i, "success": s} for i, s in enumerate(successes)]
+    rate = sum(successes) / len(successes)
+    return {
+        "suite": "reaching", "seed": seed, "episodes_per_task": len(runs), "actions_per_chunk": 8, "max_steps": 40,
+        "success_rate": rate, "tasks": {"t": {"success_rate": rate}}, "runs": runs,
+    }
+
+
+def test_compare_gates_the_drop():
+    teacher = _result([True] * 8 + [False] * 2)  # 0.8
+    ok = compare(teacher, _result([True] * 7 + [False] * 3), max_drop=0.1)
+    assert ok["passed"] and ok["status"] == "pass" and ok["drop"] == pytest.approx(0.1)
+    bad = compare(teacher, _result([False] * 2 + [True] * 4 + [False] * 4), max_drop=0.1)
+    assert not bad["passed"] and bad["status"] == "fail" and bad["drop"] == pytest.approx(0.4)
+    assert bad["teacher_only"] == 4 and bad["student_only"] == 0
+    assert bad["per_task"]["t"]["drop"] == pytest.approx(0.4)
+    better = compare(teacher, _result([True] * 10), max_drop=0.0)
+    assert better["passed"] and better["drop"] < 0
+    with pytest.raises(ValueError, match="seed"):
+        compare(teacher, _result([True] * 10, seed=1), max_drop=0.1)
+
+
+def test_mismatched_policy_and_suite_are_config_errors(suite, tiny_policy):
+    two_cams = get_suite("reaching", cameras=("wrist",), image_size=32)
+    with pytest.raises(ConfigError, match=r"cameras \['front'\]"):
+        evaluate(TorchRunner(tiny_policy), two_cams, episodes_per_task=1, seed=0, actions_per_chunk=4, progress=False)
+    with pytest.raises(ConfigError, match="not in suite"):
+        evaluate(Still(8), suite, tasks=["fly"], episodes_per_task=1, seed=0, actions_per_chunk=4, progress=False)
+    with pytest.raises(ConfigError, match="actions_per_chunk"):
+        evaluate(Still(8), suite, episodes_per_task=1, seed=0, actions_per_chunk=0, progress=False)
+    with pytest.raises(ConfigError, match="known suites"):
+        get_suite("libero")
+
+
+def test_registry():
+    assert set(SUITES) >= {"reaching", "metaworld-mt10"}
+    assert isinstance(get_suite("reaching"), Suite)
+
+
+def test_metaworld_without_the_extra_says_what_to_install():
+    try:
+        import metaworld  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match=r"vlacompile\[sim\]"):
+            get_suite("metaworld-mt10")
+    else:
+        pytest.skip("Meta-World is installed here")
+
+
+def test_metaworld_suite_runs_a_closed_loop_episode():
+    pytest.importorskip("metaworld", reason="Meta-World is the optional [sim] extra; not installed in this environment")
+    suite = get_suite("metaworld-mt10", cameras=("front",), image_size=32, max_steps=20)
+    assert len(suite.tasks) == 10 and isinstance(suite, Suite)
+    env = suite.make_env(suite.tasks[0])
+    obs, info = env.reset(seed=3)
+    assert obs["images"]["front"].shape == (32, 32, 3) and obs["images"]["front"].dtype == np.uint8
+    assert obs["state"].shape == (suite.state_dim,) and obs["state"].dtype == np.float32
+    again, _ = env.reset(seed=3)
+    np.testing.assert_array_equal(obs["state"], again["state"])
+    result = evaluate(Still(8), suite, tasks=suite.tasks[:2], episodes_per_task=1, seed=0, actions_per_chunk=8, progress=False)
+    assert result["episodes"] == 2
