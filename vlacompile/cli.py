@@ -36,7 +36,9 @@ def main() -> None:
 @click.option("--calls", type=click.IntRange(min=20), default=200, show_default=True, help="get_action calls per latency measurement.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle weights (.bin/.pt/.ckpt) with torch.load(weights_only=True). Only for checkpoints you trust.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, quiet) -> None:
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VLACOMPILE_CACHE", help="Stage cache directory (env VLACOMPILE_CACHE). Default: ~/.cache/vlacompile.")
+@click.option("--no-cache", is_flag=True, help="Run every stage; neither read nor write the stage cache.")
+def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, quiet, cache_dir, no_cache) -> None:
     """Distill, prune, quantise, export and verify a policy for TARGET; write build/<target>/."""
     from vlacompile.pipeline import build as run_build
     from vlacompile.report import summarize
@@ -52,6 +54,8 @@ def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, 
             allow_pickle=allow_pickle,
             calls=calls,
             progress=not quiet,
+            cache_dir=cache_dir,
+            use_cache=not no_cache,
         )
     except VlaCompileError as err:
         _fail(err)
@@ -103,6 +107,53 @@ def report(artifact: Path, as_json: bool) -> None:
         sys.exit(EXIT_INPUT_ERROR)
     click.echo(json.dumps(data, indent=2) if as_json else summarize(data))
     sys.exit(int(data.get("exit_code", 0)))
+
+
+@main.group()
+def cache() -> None:
+    """List or delete cached stage outputs (--cache-dir / VLACOMPILE_CACHE, default ~/.cache/vlacompile)."""
+
+
+def _stage_cache(cache_dir: Path | None):
+    from vlacompile.cache import StageCache, default_cache_dir
+
+    return StageCache(cache_dir if cache_dir is not None else default_cache_dir())
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@cache.command("ls")
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VLACOMPILE_CACHE", help="Cache directory.")
+def cache_ls(cache_dir: Path | None) -> None:
+    """List cache entries: key prefix, stage, size, time since last use."""
+    import time
+
+    store = _stage_cache(cache_dir)
+    entries = store.entries()
+    click.echo(f"{'key':<14} {'stage':<12} {'MB':>8} {'unused':>8}")
+    now = time.time()
+    for e in entries:
+        click.echo(f"{e.key[:12]:<14} {e.stage:<12} {e.bytes / 2**20:>8.2f} {_age(now - e.last_used):>8}")
+    click.echo(f"{len(entries)} entries, {sum(e.bytes for e in entries) / 2**20:.1f} MB in {store.root}")
+
+
+@cache.command("prune")
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VLACOMPILE_CACHE", help="Cache directory.")
+@click.option("--all", "prune_all", is_flag=True, help="Delete every entry.")
+@click.option("--older-than", type=click.FloatRange(min=0), help="Delete entries unused for more than DAYS days.", metavar="DAYS")
+def cache_prune(cache_dir: Path | None, prune_all: bool, older_than: float | None) -> None:
+    """Delete cache entries: --all, or those unused for --older-than DAYS."""
+    if prune_all == (older_than is not None):
+        click.echo("error: pass exactly one of --all or --older-than DAYS\nHint: `vlacompile cache prune --older-than 30`", err=True)
+        sys.exit(EXIT_INPUT_ERROR)
+    store = _stage_cache(cache_dir)
+    removed = store.prune(older_than_s=None if prune_all else older_than * 86400)
+    click.echo(f"deleted {len(removed)} entries, {sum(e.bytes for e in removed) / 2**20:.1f} MB from {store.root}")
 
 
 @main.command()

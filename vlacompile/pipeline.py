@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from vlacompile.cache import test_pause
 from vlacompile.errors import (
     EXIT_GATE_FAILED,
     EXIT_OK,
@@ -108,6 +109,18 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_output(out: Path, log: Callable[[str], None]) -> None:
+    """Clean up after a build that was killed (SIGKILL, power loss) writing ``out``. Called under the
+    output lock, so no live build owns these: a killed build's partial directory is deleted, and if
+    it died between moving the old output aside and the new one in, the old output is put back."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out.exists():
+        os.rename(olds[-1], out)
+        log(f"restored {out} from an interrupted build")
+    for p in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def check_episodes_match(es, spec, source: Path) -> None:
     """The episodes must carry what the policy reads: its cameras, image size, state and action dims."""
     cams = [c.name for c in spec.cameras]
@@ -156,8 +169,14 @@ def build(
     calls: int = 200,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
 ) -> BuildResult:
-    """Compile a VLA checkpoint for a target and verify it. See the README for the exit codes."""
+    """Compile a VLA checkpoint for a target and verify it. See the README for the exit codes.
+
+    Stage outputs are cached under ``cache_dir`` (default ``$VLACOMPILE_CACHE`` or
+    ``~/.cache/vlacompile``; see ``vlacompile.cache``) unless ``use_cache`` is False.
+    """
     from vlacompile.recipes import check_recipe, load_recipe
     from vlacompile.targets import load_target
 
@@ -190,6 +209,8 @@ def build(
     check_episodes_match(es, teacher.spec, ep_dir)
     run_seed = rcp.seed if seed is None else seed
     train, calib, held_out = split_episodes(es, seed=run_seed)
+    inputs = _build_inputs(teacher, ckpt, ep_dir, run_seed)
+    cache = _open_cache(cache_dir, use_cache, log)
     log(
         f"vlacompile: target {tgt.name}, recipe {rcp.name}, teacher {ckpt} "
         f"({teacher.num_parameters() / 1e6:.2f}M params, {teacher.spec.flow_steps} flow steps), "
@@ -198,11 +219,12 @@ def build(
 
     # 2. Stages run in a temporary directory beside the output.
     with output_lock(out_dir):
+        recover_output(out_dir, log)
         tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            report = _run_build(tgt, rcp, teacher, train, calib, held_out, tmp, run_seed, calls, progress, log)
+            report = _run_build(tgt, rcp, teacher, train, calib, held_out, tmp, run_seed, calls, progress, log, inputs, cache)
             report["teacher"].update({"checkpoint": str(ckpt)})
             report["episodes"] = {"path": str(ep_dir), "train": len(train.episodes), "calibration": len(calib.episodes), "held_out": len(held_out.episodes)}
             report["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -210,6 +232,7 @@ def build(
 
             report["artifact"] = {"dir": str(out_dir), "files": _file_entries(tmp, exclude=REPORT_FILES)}
             write_reports(report, tmp)
+            test_pause("report")
             replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -217,21 +240,105 @@ def build(
     return BuildResult(out_dir=out_dir, report=report)
 
 
-def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, calls: int, progress: bool, log) -> dict:
+def _build_inputs(teacher, ckpt: Path, ep_dir: Path, seed: int) -> dict[str, Any]:
+    """What the build's result depends on besides the recipe and target: hashes for the manifest
+    and the root of the cache keys."""
+    from vlacompile.cache import episodes_hash
+
+    config = ckpt / "config.json"
+    return {
+        "teacher_weights_sha256": teacher.meta.get("weights_sha256"),
+        "teacher_config": config.read_bytes() if config.is_file() else b"",
+        "episodes_sha256": episodes_hash(ep_dir),
+        "seed": seed,
+    }
+
+
+def _open_cache(cache_dir: str | Path | None, use_cache: bool, log):
+    """The stage cache, or None (disabled, or its directory cannot be written: the build goes on)."""
+    if not use_cache:
+        return None
+    from vlacompile.cache import StageCache, default_cache_dir
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log(f"cache: {root} cannot be created ({e.strerror}); building without the cache")
+        return None
+    if not os.access(root, os.W_OK | os.X_OK):
+        log(f"cache: {root} is not writable; building without the cache")
+        return None
+    return StageCache(root)
+
+
+def _reuse_from_cache(cache, keys: list[str], produces: list[str], tmp: Path):
+    """The latest cached stage output whose chain can be restored: (index after it, artifact).
+
+    The ONNX files of earlier cached stages are copied into ``tmp`` too, so the output directory
+    holds the same files as after a build that ran every stage."""
+    for j in range(len(keys) - 1, -1, -1):
+        if not cache.has(keys[j]):
+            continue
+        earlier = [m for m in range(j) if produces[m] == "onnx"]
+        if not all(cache.is_onnx(keys[m]) for m in earlier):
+            continue
+        if not all(cache.restore_onnx(keys[m], tmp) for m in earlier):
+            continue
+        artifact = cache.load(keys[j], tmp)
+        if artifact is not None:
+            return j + 1, artifact
+    return 0, None
+
+
+def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, calls: int, progress: bool, log, inputs: dict[str, Any], cache) -> dict:
+    import copy
+
     import torch
 
+    from vlacompile.cache import key_versions, root_key, stage_keys
     from vlacompile.checkpoint import save_policy
     from vlacompile.stages import STAGES, Artifact, BuildContext
     from vlacompile.verify import verify
 
-    torch.manual_seed(seed)
     ctx = BuildContext(target=tgt, workdir=tmp, teacher=teacher, train=train, calibration=calib, seed=seed, progress=progress, log=log)
+    root = root_key(inputs["teacher_weights_sha256"] or "", inputs["teacher_config"], inputs["episodes_sha256"], seed)
+    keys = stage_keys(root, rcp.stages, tgt, key_versions())
+    produces = [STAGES[s.name].load().kinds(s.params, tgt)[1] for s in rcp.stages]
+    n = len(rcp.stages)
+
     artifact = Artifact(policy=teacher)
-    for i, stage in enumerate(rcp.stages, 1):
-        log(f"[{i}/{len(rcp.stages)}] {stage.name} ...")
+    start = 0
+    canonical: list[dict] = []  # the records as the stages wrote them: what the cache stores
+    if cache is not None:
         t0 = time.perf_counter()
+        start, cached = _reuse_from_cache(cache, keys, produces, tmp)
+        if cached is not None:
+            canonical = copy.deepcopy(cached.records)
+            for rec in cached.records:
+                rec.update(reused=True, original_seconds=rec.get("seconds"), seconds=0.0)
+            cached.records[-1]["seconds"] = round(time.perf_counter() - t0, 2)
+            artifact = cached
+            log(f"cache: reusing {', '.join(s.name for s in rcp.stages[:start])} from {cache.root} (key {keys[start - 1][:12]})")
+    for i in range(start, n):
+        stage = rcp.stages[i]
+        test_pause(f"stage:{stage.name}")
+        log(f"[{i + 1}/{n}] {stage.name} ...")
+        t0 = time.perf_counter()
+        # Seeded per stage, so a stage resumed after cached ones sees the RNG a full build gives it.
+        torch.manual_seed(seed)
         artifact = STAGES[stage.name].load().run(artifact, stage.params, ctx)
-        log(f"[{i}/{len(rcp.stages)}] {stage.name} done in {time.perf_counter() - t0:.1f} s")
+        log(f"[{i + 1}/{n}] {stage.name} done in {time.perf_counter() - t0:.1f} s")
+        canonical.append(copy.deepcopy(artifact.records[-1]))
+        artifact.records[-1]["reused"] = False
+        if cache is not None:
+            try:
+                stored = Artifact(artifact.policy, artifact.onnx_path, artifact.precision, artifact.quantized_torch, canonical)
+                if not cache.put(keys[i], stage.name, stored):
+                    log(f"cache: {stage.name} output is a modelopt fake-quant torch model; not cached (the export after it is)")
+            except OSError as e:
+                log(f"cache: cannot write {cache.root} ({e.strerror}); building on without the cache")
+                cache = None
 
     student = artifact.policy
     if not artifact.quantized_torch:
@@ -258,7 +365,12 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         "target": tgt.name,
         "recipe": rcp.to_dict(),
         "seed": seed,
-        "inputs": {"teacher_weights_sha256": teacher.meta.get("weights_sha256"), "teacher": teacher.meta.get("source")},
+        "inputs": {
+            "teacher_weights_sha256": teacher.meta.get("weights_sha256"),
+            "teacher": teacher.meta.get("source"),
+            "episodes_sha256": inputs["episodes_sha256"],
+        },
+        "cache_keys": [{"stage": s.name, "key": k} for s, k in zip(rcp.stages, keys)],
         "onnx": artifact.onnx_path.name,
         "precision": artifact.precision,
         "runtime": tgt.device.runtime,
@@ -300,6 +412,10 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         },
         **{k: v for k, v in result.items() if k not in ("status", "passed")},
         "stages": artifact.records,
+        "cache": {
+            "dir": str(cache.root) if cache is not None else None,
+            "keys": [{"stage": s.name, "key": k, "reused": i < start} for i, (s, k) in enumerate(zip(rcp.stages, keys))],
+        },
         "tool_versions": manifest["tool_versions"],
         "notes": notes + result.get("notes", []),
     }
