@@ -129,3 +129,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_stage_cache(tmp_path_factory):
+    """Builds in tests use a throw-away stage cache, never the user's ~/.cache/vlacompile."""
+    import os
+
+    before = os.environ.get("VLACOMPILE_CACHE")
+    os.environ["VLACOMPILE_CACHE"] = str(tmp_path_factory.mktemp("stage-cache"))
+    yield
+    if before is None:
+        os.environ.pop("VLACOMPILE_CACHE", None)
+    else:
+        os.environ["VLACOMPILE_CACHE"] = before

@@ -30,6 +30,11 @@ stage = "export"
 [[stages]]
 stage = "quantize"
 precision = "int8"
+
+[closed_loop]
+suite = "reaching"
+episodes_per_task = 1
+max_success_drop = 1.0   # the tiny teacher is untrained: this checks the plumbing, not the policy
 """
 
 # A GPU-target recipe: modelopt Q/DQ INT8 before export, as TensorRT wants it.
@@ -103,6 +108,13 @@ def test_build_passes_and_reports(built):
     # The stages ran as the recipe said: 1 flow step, INT8.
     assert report["student"]["flow_steps"] == 1 and report["student"]["precision"] == "int8"
     assert [s["stage"] for s in report["stages"]] == ["distill", "export", "quantize"]
+    # Closed loop: teacher and student ran the reaching suite on the same seeds.
+    cl = report["closed_loop"]
+    assert cl["episodes"] == len(cl["teacher"]["tasks"]) == 9
+    for who in ("teacher", "student"):
+        assert 0.0 <= cl[who]["success_rate"] <= 1.0
+    assert any(g["name"] == "closed_loop_success_drop" for g in report["gates"]["gates"])
+    assert "Closed loop" in (out / "report.md").read_text()
     # No partial or lock debris beside the output.
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
 
@@ -190,5 +202,8 @@ def test_jetson_thor_build_is_unverified_but_produces_onnx(tmp_path, tiny_checkp
     assert report["latency"]["student"]["kind"] == "estimated"
     assert "estimated" in result.output.lower() and "not verified" in result.output.lower()
     assert any(p.suffix == ".onnx" for p in out.iterdir())
+    # The modelopt INT8 graph passes the static TensorRT-readiness check.
+    readiness = next(g for g in report["gates"]["gates"] if g["name"] == "tensorrt_readiness")
+    assert readiness["status"] == "pass", readiness
     statuses = {g["status"] for g in report["gates"]["gates"] if "latency" in g["name"] or "deadline" in g["name"]}
     assert statuses and "pass" not in statuses

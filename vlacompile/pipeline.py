@@ -359,6 +359,12 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         progress=progress,
         log=log,
     )
+    extra_gates, readiness = _post_verify_checks(tgt, rcp, teacher, student, artifact, result, tmp, calls, progress, log)
+    if extra_gates:
+        from vlacompile.verify.gates import verdict
+
+        result["gates"] = verdict(result["gates"]["gates"] + extra_gates)
+        result["status"], result["passed"] = result["gates"]["status"], result["gates"]["passed"]
     status = result["status"]
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -378,6 +384,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         if tgt.runs_on_host
         else f"not built: TensorRT plans are built on a {tgt.device.name}; run `vlacompile engine` there",
         "tool_versions": tool_versions(),
+        "tensorrt_readiness": readiness,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     notes = []
@@ -412,6 +419,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         },
         **{k: v for k, v in result.items() if k not in ("status", "passed")},
         "stages": artifact.records,
+        "tensorrt_readiness": readiness,
         "cache": {
             "dir": str(cache.root) if cache is not None else None,
             "keys": [{"stage": s.name, "key": k, "reused": i < start} for i, (s, k) in enumerate(zip(rcp.stages, keys))],
@@ -419,3 +427,40 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         "tool_versions": manifest["tool_versions"],
         "notes": notes + result.get("notes", []),
     }
+
+
+def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp: Path, calls: int, progress: bool, log):
+    """Checks beside the accuracy/latency gates: closed-loop success (when the recipe configures a
+    simulator), TensorRT readiness of every graph (TensorRT targets), per-part latency (split graphs).
+    Adds sections to ``result`` and returns (extra gates, readiness report)."""
+    gates: list[dict] = []
+    if rcp.closed_loop is not None:
+        from vlacompile.verify.closed_loop import closed_loop
+
+        section, gate = closed_loop(teacher, artifact.onnx_path, student.spec, tgt, rcp.closed_loop, progress=progress, log=log)
+        result["closed_loop"] = section
+        gates.append(gate)
+
+    if (tmp / "split.json").is_file():
+        from vlacompile.backends.split import time_parts
+        from vlacompile.targets import host_device_string
+
+        parts = time_parts(tmp, calls=calls)
+        result["latency"]["parts"] = {**parts, "measured_on": host_device_string(), "kind": "measured",
+                                      "note": "System 2 and one System 1 step timed alone with ONNX Runtime on this host"}
+
+    readiness = None
+    if tgt.device.runtime == "tensorrt":
+        from vlacompile.trt.readiness import readiness_report
+
+        graphs = [artifact.onnx_path] + [tmp / n for n in ("system2.onnx", "system1.onnx") if (tmp / n).is_file()]
+        readiness = {p.name: readiness_report(p, tgt) for p in graphs}
+        problems = [f"{name}: {pr['message']} ({', '.join(pr['nodes'][:5])})" for name, rep in readiness.items() for pr in rep["problems"]]
+        log(f"tensorrt readiness ({tgt.device.tensorrt}): " + ("ready" if not problems else f"{len(problems)} problem(s)"))
+        gates.append({
+            "name": "tensorrt_readiness", "value": len(problems), "limit": 0, "comparison": "<=", "unit": " problems",
+            "status": "fail" if problems else "pass", "kind": "measured",
+            "source": f"static check of {len(graphs)} graph(s) against TensorRT {tgt.device.tensorrt}",
+            **({"note": "; ".join(problems)} if problems else {}),
+        })
+    return gates, readiness

@@ -29,12 +29,24 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class ClosedLoopConfig:
+    """Closed-loop evaluation in a simulator (vlacompile/sim), teacher and student on the same seeds."""
+
+    suite: str  # a name in vlacompile.sim.SUITES ("reaching", "metaworld-mt10")
+    episodes_per_task: int = 3
+    tasks: tuple[str, ...] = ()  # empty: every task of the suite
+    max_success_drop: float = 0.05  # gate: student success rate may trail the teacher's by at most this
+    seed: int = 1000  # evaluation seeds, apart from the training/split seed: held-out initial states
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
     stages: tuple[StageSpec, ...]
     seed: int = 0
     path: str = ""
+    closed_loop: ClosedLoopConfig | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -42,6 +54,7 @@ class Recipe:
             "description": self.description,
             "seed": self.seed,
             "stages": [{"stage": s.name, **to_dict(s.params)} for s in self.stages],
+            "closed_loop": to_dict(self.closed_loop),
         }
 
 
@@ -53,7 +66,7 @@ def parse_recipe(data: dict, source: str | Path) -> Recipe:
     source = str(source)
     if not isinstance(data, dict):
         raise ConfigError("a recipe must be a TOML table", source=source)
-    allowed = {"name", "description", "seed", "stages"}
+    allowed = {"name", "description", "seed", "stages", "closed_loop"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}", source=source, hint=f"a recipe has {sorted(allowed)}")
@@ -78,7 +91,20 @@ def parse_recipe(data: dict, source: str | Path) -> Recipe:
         mod = STAGES[name].load()
         params = from_dict(mod.Params, raw, source, where=f"stages[{i}] ({name})")
         stages.append(StageSpec(name, params))
+    closed_loop = None
+    if "closed_loop" in data:
+        closed_loop = from_dict(ClosedLoopConfig, data["closed_loop"], source, where="closed_loop")
+        from vlacompile.sim import SUITES
+
+        if closed_loop.suite not in SUITES:
+            raise ConfigError(f"closed_loop.suite {closed_loop.suite!r} is unknown", source=source, hint=f"known suites: {sorted(SUITES)}")
+        if closed_loop.episodes_per_task < 1 or not 0 <= closed_loop.max_success_drop <= 1:
+            raise ConfigError(
+                "closed_loop needs episodes_per_task >= 1 and max_success_drop in [0, 1]",
+                source=source,
+            )
     return Recipe(
+        closed_loop=closed_loop,
         name=str(data.get("name", Path(source).stem)),
         description=str(data.get("description", "")),
         stages=tuple(stages),

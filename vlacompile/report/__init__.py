@@ -116,6 +116,12 @@ def summarize(report: dict[str, Any]) -> str:
         if speedup:
             line += f", {speedup:.1f}x faster" + ("" if lat.get("speedup_p50") else " on this host")
         lines.append(line)
+    cl = report.get("closed_loop")
+    if cl:
+        lines.append(
+            f"  closed loop ({cl['suite']}, {cl['episodes']} episodes each): success teacher {_num(cl['teacher']['success_rate'])}, "
+            f"student {_num(cl['student']['success_rate'])}"
+        )
     gates = (report.get("gates") or {}).get("gates") or []
     if gates:
         count = {s: sum(g["status"] == s for g in gates) for s in ("pass", "fail", "not_verified")}

@@ -214,8 +214,24 @@ def _artifact(report: dict[str, Any]) -> Section:
     return Section("Artifact files", ["file", "bytes", "sha256"], rows, lines)
 
 
+def _closed_loop(report: dict[str, Any]) -> Section:
+    cl = report.get("closed_loop")
+    if not cl:
+        return Section("Closed loop")
+    t, s = cl["teacher"], cl["student"]
+    rows = [["all tasks", fmt(t["success_rate"]), fmt(s["success_rate"]), fmt(cl["comparison"]["drop"])]]
+    for task, tt in t["tasks"].items():
+        st = s["tasks"][task]
+        rows.append([task, fmt(tt["success_rate"]), fmt(st["success_rate"]), fmt(tt["success_rate"] - st["success_rate"])])
+    lines = [
+        f"Suite **{cl['suite']}**: teacher and student each ran {cl['episodes']} episodes from the same seeds "
+        f"(seed {cl['seed']}), executing {cl['actions_per_chunk']} actions of each chunk before re-planning."
+    ]
+    return Section("Closed loop (success rate)", ["task", "teacher", "student", "drop"], rows, lines)
+
+
 def sections(report: dict[str, Any]) -> list[Section]:
-    out = [_overview(report), _gates(report), _latency(report), _control(report), *_accuracy(report), _roofline(report), _stages(report), _artifact(report)]
+    out = [_overview(report), _gates(report), _latency(report), _control(report), *_accuracy(report), _closed_loop(report), _roofline(report), _stages(report), _artifact(report)]
     notes = report.get("notes") or []
     if notes:
         out.append(Section("Notes", lines=[f"- {n}" for n in notes]))

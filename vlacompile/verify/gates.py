@@ -92,6 +92,16 @@ def judge(
     if budget.memory_mb is not None:
         gates.append(_gate("memory_mb", mem, budget.memory_mb, "<=", "MB", mem_source, estimated=estimated, note=mem_note))
 
+    return verdict(gates)
+
+
+def verdict(gates: list[dict]) -> dict:
+    """Any fail -> failed; else any not verified -> unverified; else passed."""
     statuses = [g["status"] for g in gates]
     status = "failed" if "fail" in statuses else "unverified" if "not_verified" in statuses else "passed"
     return {"status": status, "passed": status == "passed", "gates": gates}
+
+
+def closed_loop_gate(drop: float, max_drop: float, source: str) -> dict:
+    """The student's closed-loop success-rate drop from the teacher's (measured: both ran here)."""
+    return _gate("closed_loop_success_drop", drop, max_drop, "<=", "", source, estimated=False)
