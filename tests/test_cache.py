@@ -184,7 +184,7 @@ def builds(tmp_path_factory, tiny_checkpoint_module, tiny_episodes_module):
 
 
 def test_rebuild_with_nothing_changed_reuses_every_stage(builds):
-    (cold, cold_s, _), (warm, warm_s, log) = builds["cold"], builds["warm"]
+    (cold, _, _), (warm, _, log) = builds["cold"], builds["warm"]
     assert [s["reused"] for s in cold.report["stages"]] == [False, False, False]
     assert [s["reused"] for s in warm.report["stages"]] == [True, True, True]
     assert any("cache: reusing distill, export, quantize" in line for line in log)
@@ -196,7 +196,12 @@ def test_rebuild_with_nothing_changed_reuses_every_stage(builds):
     assert warm.report["stages"][0]["final_loss"] == cold.report["stages"][0]["final_loss"]
     assert warm.report["stages"][0]["original_seconds"] == cold.report["stages"][0]["seconds"]
     assert "reused" in (warm.out_dir / "report.md").read_text()
-    assert warm_s < cold_s, (warm_s, cold_s)
+    # The teacher's held-out actions (a pure function of weights and inputs) come from the cache;
+    # the accuracy figures are therefore identical, while latency is measured afresh.
+    assert not any("teacher's held-out actions were reused" in n for n in cold.report["notes"])
+    assert any("teacher's held-out actions were reused" in n for n in warm.report["notes"])
+    assert warm.report["accuracy"]["nmse_vs_teacher"] == cold.report["accuracy"]["nmse_vs_teacher"]
+    assert warm.report["accuracy"]["teacher_self_consistency"] == cold.report["accuracy"]["teacher_self_consistency"]
 
 
 def test_changing_one_parameter_reruns_that_stage_and_later_ones(builds):

@@ -34,12 +34,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CACHE_FORMAT = 1
 ENTRY_META = "artifact.json"
 POLICY_DIR = "policy"
 TMP_PREFIX = ".tmp-"
+ARRAYS_NAME = "arrays.npz"
 # Modules whose source decides what a stage writes; the CLI, the report and verify do not.
 NOT_STAGE_CODE = ("cli.py", "pipeline.py", "cache.py", "report", "verify")
 
@@ -195,15 +199,10 @@ class StageCache:
 
     def put(self, key: str, stage: str, artifact) -> bool:
         """Store ``artifact`` under ``key`` atomically. False if not cacheable (fake-quant torch)."""
-        from vlacompile.checkpoint import sha256_file
-
         if artifact.quantized_torch and artifact.onnx_path is None:
             return False
-        if self.has(key):
-            return True
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key[:16]}-", dir=self.root))
-        try:
+
+        def fill(tmp: Path) -> dict:
             _save_plain_policy(artifact.policy, tmp / POLICY_DIR)
             onnx_files: list[str] = []
             if artifact.onnx_path is not None:
@@ -212,21 +211,51 @@ class StageCache:
                 for p in graph_files(Path(artifact.onnx_path)):
                     shutil.copyfile(p, tmp / p.name)
                     onnx_files.append(p.name)
-            test_pause(f"cache-write:{stage}")
-            files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            meta = {
-                "format": CACHE_FORMAT,
-                "key": key,
-                "stage": stage,
+            return {
                 "precision": artifact.precision,
                 "quantized_torch": artifact.quantized_torch,
                 "policy": True,
                 "onnx": Path(artifact.onnx_path).name if artifact.onnx_path is not None else None,
                 "onnx_files": onnx_files,
                 "records": artifact.records,
-                "files": files,
-                "created": time.time(),
             }
+
+        return self._write_entry(key, stage, fill)
+
+    def put_arrays(self, key: str, stage: str, arrays: dict[str, "np.ndarray"]) -> bool:
+        """Store numeric results (e.g. the teacher's actions on held-out inputs) under ``key``."""
+        import numpy as np
+
+        def fill(tmp: Path) -> dict:
+            np.savez(tmp / ARRAYS_NAME, **arrays)
+            return {"arrays": sorted(arrays)}
+
+        return self._write_entry(key, stage, fill)
+
+    def get_arrays(self, key: str) -> dict[str, "np.ndarray"] | None:
+        import numpy as np
+
+        meta = self._verified(key)
+        if meta is None or not meta.get("arrays"):
+            return None
+        with np.load(self._entry(key) / ARRAYS_NAME, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in meta["arrays"]}
+        os.utime(self._entry(key) / ENTRY_META)
+        return arrays
+
+    def _write_entry(self, key: str, stage: str, fill) -> bool:
+        """Write an entry into a temp dir (``fill`` writes the files and returns metadata), then rename."""
+        from vlacompile.checkpoint import sha256_file
+
+        if self.has(key):
+            return True
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key[:16]}-", dir=self.root))
+        try:
+            extra = fill(tmp)
+            test_pause(f"cache-write:{stage}")
+            files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            meta = {"format": CACHE_FORMAT, "key": key, "stage": stage, **extra, "files": files, "created": time.time()}
             # artifact.json last: an entry is complete exactly when it has one.
             with open(tmp / ENTRY_META, "w") as f:
                 f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -358,6 +358,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         seed=seed,
         progress=progress,
         log=log,
+        cache=cache,
     )
     extra_gates, readiness = _post_verify_checks(tgt, rcp, teacher, student, artifact, result, tmp, calls, progress, log)
     if extra_gates:
