@@ -392,7 +392,9 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
     if not tgt.runs_on_host:
         notes.append(
             f"Latency for {tgt.name} is ESTIMATED from its data-sheet figures (roofline lower bound); the budget is "
-            f"NOT VERIFIED. Build the TensorRT engine and verify on the device to measure it."
+            f"NOT VERIFIED. The bound counts weight traffic and arithmetic only: kernel launches and "
+            f"pre-processing come on top, and dominate for small models. Build the engine on the device "
+            "(`vlacompile engine <artifact dir>`) to measure it."
         )
     from vlacompile import __version__
 

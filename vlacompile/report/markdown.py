@@ -117,6 +117,14 @@ def _latency(report: dict[str, Any]) -> Section:
     mem = (student.get("host_measurement") or student).get("process_memory")
     if mem:
         lines.append(f"Student process memory: peak {fmt(mem['peak_rss_mb'])} MB ({mem['scope']}; {fmt(mem['baseline_rss_mb'])} MB before the graph loads).")
+    parts = lat.get("parts")
+    if parts:
+        lines.append(
+            f"Per part (split graphs, {parts['runtime']}, measured on {parts['measured_on']}): System 2 p50 "
+            f"{fmt(parts['system2']['p50_ms'])} ms once per chunk, System 1 p50 {fmt(parts['system1_step']['p50_ms'])} ms "
+            f"per flow step x {parts['flow_steps']} = {fmt(parts['chunk_ms_p50'])} ms a chunk "
+            f"(System 1 {100 * parts['system1_share_p50']:.0f}%)."
+        )
     measured = {"teacher": lat.get("teacher") or {}, "student": student.get("host_measurement") or student}
     threads = [f"{k} {v['threads']}" for k, v in measured.items() if v.get("threads")]
     if threads:
