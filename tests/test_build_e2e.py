@@ -207,3 +207,26 @@ def test_jetson_thor_build_is_unverified_but_produces_onnx(tmp_path, tiny_checkp
     assert readiness["status"] == "pass", readiness
     statuses = {g["status"] for g in report["gates"]["gates"] if "latency" in g["name"] or "deadline" in g["name"]}
     assert statuses and "pass" not in statuses
+
+
+def test_jetson_thor_fp8_split_build(tmp_path, tiny_checkpoint_module, tiny_episodes_module):
+    """FP8 Q/DQ (modelopt) exports TensorRT-only ops that ONNX Runtime cannot run: the build still
+    verifies accuracy (on the fake-quant torch student, and says so), writes the split graphs, and
+    passes the readiness check for Thor's TensorRT."""
+    recipe = tmp_path / "fp8.toml"
+    recipe.write_text(
+        TINY_GPU_RECIPE.replace('precision = "int8"', 'precision = "fp8"').replace('stage = "export"', 'stage = "export"\nsplit = true')
+    )
+    thor = tmp_path / "jetson-thor.toml"
+    thor.write_text((TARGETS_DIR / "jetson-thor.toml").read_text().replace("actions_per_chunk = 16", "actions_per_chunk = 8"))
+    out = tmp_path / "thor-fp8"
+    result = _build(["--target", str(thor), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module), "--recipe", str(recipe), "--out", str(out)])
+    assert (out / "report.json").is_file(), result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"]["precision"] == "fp8"
+    assert {"student.onnx", "system2.onnx", "system1.onnx", "split.json"} <= {p.name for p in out.iterdir()}
+    assert any("TensorRT-only ops" in n and "fake-quant" in n for n in report["notes"])
+    assert report["accuracy"]["nmse_vs_teacher"] >= 0
+    readiness = next(g for g in report["gates"]["gates"] if g["name"] == "tensorrt_readiness")
+    assert readiness["status"] == "pass", readiness
+    assert set(report["tensorrt_readiness"]) == {"student.onnx", "system2.onnx", "system1.onnx"}

@@ -444,7 +444,12 @@ def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp:
         result["closed_loop"] = section
         gates.append(gate)
 
-    if (tmp / "split.json").is_file():
+    from vlacompile.stages.export import unsupported_domains
+
+    split_graphs = [tmp / "system2.onnx", tmp / "system1.onnx"]
+    if (tmp / "split.json").is_file() and any(unsupported_domains(g) for g in split_graphs):
+        result["notes"].append("per-part latency not measured here: the split graphs use TensorRT-only ops")
+    elif (tmp / "split.json").is_file():
         from vlacompile.backends.split import time_parts
         from vlacompile.targets import host_device_string
 

@@ -181,6 +181,33 @@ def _teacher_actions(teacher, runner, inputs: dict[str, np.ndarray], noise2: np.
     return a, b
 
 
+def _student_runner(student_onnx: Path, spec, student_policy, provider: str, notes: list[str]):
+    """ONNX Runtime on the exported graph; for graphs with TensorRT-only ops (modelopt FP8 / INT4-AWQ),
+    which ONNX Runtime cannot load, the fake-quant torch student that was exported (same numerics)."""
+    from vlacompile.backends.onnxrt import OrtRunner
+    from vlacompile.stages.export import unsupported_domains
+
+    domains = unsupported_domains(student_onnx)
+    if not domains:
+        return OrtRunner(student_onnx, spec, provider=provider)
+    if student_policy is None:
+        raise CheckpointError(
+            f"the graph uses op domains {domains} that ONNX Runtime cannot run, and no torch student was given",
+            source=student_onnx,
+            hint="verify it on the device with TensorRT, or pass the fake-quant torch student",
+        )
+    from vlacompile.backends.torch_eager import TorchRunner
+
+    notes.append(
+        f"{student_onnx.name} uses TensorRT-only ops ({', '.join(domains)}): the student's accuracy was measured on the "
+        "fake-quant torch model it was exported from (the same quantised numerics), not by running the graph; "
+        "its host timings are of that torch model"
+    )
+    runner = TorchRunner(student_policy)
+    runner.name = "torch-fake-quant (graph needs TensorRT)"
+    return runner
+
+
 def verify(
     teacher,
     student_onnx: Path,
@@ -201,7 +228,6 @@ def verify(
     judge ``target``'s gates. ``student_policy`` (the torch student the graph was exported from)
     supplies the student's spec and its size for the roofline; without it the teacher's spec is used.
     """
-    from vlacompile.backends.onnxrt import OrtRunner
     from vlacompile.backends.torch_eager import TorchRunner
     from vlacompile.targets import host_device_string
 
@@ -220,7 +246,7 @@ def verify(
 
     # Accuracy.
     teacher_runner = TorchRunner(teacher)
-    student_runner = OrtRunner(student_onnx, student_spec, provider=provider)
+    student_runner = _student_runner(student_onnx, student_spec, student_policy, provider, notes)
     teacher_a, teacher_b = _teacher_actions(teacher, teacher_runner, inputs, noise2, cache, progress, notes)
     student_a = _run_all(student_runner, inputs, "student", progress)
     accuracy = action_agreement(teacher_a, student_a, samples.actions)
