@@ -143,26 +143,24 @@ class EpisodeSet:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_parquet(path: Path, *, columns: list[str] | None = None, filters=None) -> pa.Table:
+def _parquet(path: Path, read):
+    """``read(path)``, with pyarrow's failures on a damaged file turned into an EpisodeError naming it."""
     try:
-        return pq.read_table(path, columns=columns, filters=filters)
+        return read(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise EpisodeError(
             f"cannot read parquet file ({type(exc).__name__}: {exc})",
             source=path,
             hint="the file is truncated or corrupt; copy or re-export the dataset",
         ) from None
+
+
+def _read_parquet(path: Path, *, columns: list[str] | None = None, filters=None) -> pa.Table:
+    return _parquet(path, lambda p: pq.read_table(p, columns=columns, filters=filters))
 
 
 def _read_schema(path: Path) -> pa.Schema:
-    try:
-        return pq.read_schema(path)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise EpisodeError(
-            f"cannot read parquet file ({type(exc).__name__}: {exc})",
-            source=path,
-            hint="the file is truncated or corrupt; copy or re-export the dataset",
-        ) from None
+    return _parquet(path, pq.read_schema)
 
 
 def _load_info(root: Path) -> dict:

@@ -190,7 +190,7 @@ def _export_proto(policy: Policy, *, opset: int, batch_size: int, dynamo: bool, 
 # Graph normalisation
 
 
-def _const_tensors(graph) -> dict[str, Any]:
+def const_tensors(graph) -> dict[str, Any]:
     """Initializers and Constant-node values by name, as TensorProtos (converted only when used)."""
     tensors = {i.name: i for i in graph.initializer}
     for n in graph.node:
@@ -336,7 +336,7 @@ def _fold_weight_quantizers(graph) -> None:
     """QuantizeLinear(constant weight) -> an int8 initializer, computed exactly as the op does."""
     from onnx import numpy_helper
 
-    consts = _const_tensors(graph)
+    consts = const_tensors(graph)
     names = set(consts) | {o for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     renames: dict[str, str] = {}
@@ -377,7 +377,7 @@ def _fold_weight_transposes(graph) -> None:
     from onnx import numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
-    consts = _const_tensors(graph)
+    consts = const_tensors(graph)
     producer = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     uses: dict[str, int] = {}

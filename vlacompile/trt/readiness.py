@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vlacompile.errors import ConfigError
+from vlacompile.stages.export import const_tensors
 from vlacompile.trt import ReadinessError
 
 # onnx-tensorrt docs/operators.md (TensorRT 10.15), the operators marked "Y".
@@ -125,15 +126,6 @@ def _check_shapes(graph) -> list[str]:
     return bad
 
 
-def _const_tensors(graph) -> dict[str, Any]:
-    """Initializers and Constant-node values by name, as TensorProtos."""
-    tensors = {i.name: i for i in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            tensors[n.output[0]] = n.attribute[0].t
-    return tensors
-
-
 def _check_qdq(graph) -> tuple[dict[str, list[str]], dict[str, int]]:
     from onnx import numpy_helper
 
@@ -144,7 +136,7 @@ def _check_qdq(graph) -> tuple[dict[str, list[str]], dict[str, int]]:
             producer[o] = (i, n)
         for x in n.input:
             consumers.setdefault(x, []).append((i, n))
-    consts = _const_tensors(graph)
+    consts = const_tensors(graph)
     outputs = {o.name for o in graph.output}
     key = lambda n: (_domain(n), n.op_type)
 
