@@ -230,3 +230,39 @@ def test_jetson_thor_fp8_split_build(tmp_path, tiny_checkpoint_module, tiny_epis
     readiness = next(g for g in report["gates"]["gates"] if g["name"] == "tensorrt_readiness")
     assert readiness["status"] == "pass", readiness
     assert set(report["tensorrt_readiness"]) == {"student.onnx", "system2.onnx", "system1.onnx"}
+
+
+def test_verify_again_reproduces_accuracy_and_keeps_artifact_files(built):
+    out = built["out"]
+    before = json.loads((out / "report.json").read_text())
+    files_before = {f["path"]: f["sha256"] for f in before["artifact"]["files"]}
+    result = CliRunner().invoke(main, ["verify", str(out), "--runtime", "ort-cpu", "--calls", "20", "--quiet"])
+    assert result.exit_code == EXIT_OK, result.output
+    after = json.loads((out / "report.json").read_text())
+    assert after["verified_with"] == {"runtime": "ort-cpu", "device": None, "on_target": False}
+    # Same held-out samples, same noise, same graph: the same accuracy, to the bit.
+    assert after["accuracy"]["nmse_vs_teacher"] == before["accuracy"]["nmse_vs_teacher"]
+    for path, digest in files_before.items():
+        assert hashlib.sha256((out / path).read_bytes()).hexdigest() == digest, path
+
+
+def test_verify_refuses_a_different_teacher(built, tmp_path, tiny_policy):
+    import torch
+
+    from vlacompile.checkpoint import save_policy
+
+    with torch.no_grad():
+        next(tiny_policy.module.parameters()).add_(1.0)
+    other = save_policy(tiny_policy, tmp_path / "other-teacher")
+    result = CliRunner().invoke(main, ["verify", str(built["out"]), "--checkpoint", str(other), "--quiet"])
+    assert result.exit_code == EXIT_INPUT_ERROR, result.output
+    assert "not the teacher this artifact was built from" in result.output and "Hint:" in result.output
+
+
+@pytest.mark.parametrize("runtime, words", [("ort-cuda", ["CUDAExecutionProvider"]), ("tensorrt", ["vlacompile[gpu]"])])
+def test_verify_on_gpu_runtimes_says_what_is_missing_here(built, runtime, words):
+    result = CliRunner().invoke(main, ["verify", str(built["out"]), "--runtime", runtime, "--quiet"])
+    assert result.exit_code == EXIT_INPUT_ERROR, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, result.output

@@ -65,6 +65,28 @@ def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, 
 
 
 @main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--runtime", type=click.Choice(["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"]), default="ort-cpu", show_default=True,
+              help="Runtime for the student: ONNX Runtime (CPU, CUDA or TensorRT execution provider) or the TensorRT plans of `vlacompile engine`.")
+@click.option("--checkpoint", "-c", type=click.Path(path_type=Path), help="The teacher (default: the one recorded in manifest.json; checked by hash).")
+@click.option("--episodes", "-e", type=click.Path(path_type=Path), help="The episodes (default: those recorded in report.json; checked by hash).")
+@click.option("--calls", type=click.IntRange(min=20), default=200, show_default=True, help="get_action calls per latency measurement.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def verify(artifact, runtime, checkpoint, episodes, calls, quiet) -> None:
+    """Verify a built ARTIFACT again with RUNTIME. On the target's device (its GPU architecture),
+    measurements replace the latency estimate; the reports are rewritten in place."""
+    from vlacompile.pipeline import verify_artifact
+    from vlacompile.report import summarize
+
+    try:
+        result = verify_artifact(artifact, runtime=runtime, checkpoint=checkpoint, episodes=episodes, calls=calls, progress=not quiet)
+    except VlaCompileError as err:
+        _fail(err)
+    click.echo(summarize(result.report))
+    sys.exit(result.exit_code)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def targets(as_json: bool) -> None:
     """List the target profiles with their budgets."""

@@ -24,6 +24,7 @@ from vlacompile.errors import (
     EXIT_GATE_FAILED,
     EXIT_OK,
     EXIT_UNVERIFIED,
+    CheckpointError,
     EpisodeError,
     OutputError,
 )
@@ -193,7 +194,7 @@ def build(
     from vlacompile.checkpoint import load_policy
     from vlacompile.data import read_episodes, split_episodes
 
-    ckpt = Path(checkpoint) if checkpoint is not None else DEMO_TEACHER
+    ckpt = (Path(checkpoint) if checkpoint is not None else DEMO_TEACHER).absolute()
     teacher = load_policy(ckpt, allow_pickle=allow_pickle)
     if tgt.budget.actions_per_chunk > teacher.spec.chunk_size:
         from vlacompile.errors import ConfigError
@@ -204,7 +205,7 @@ def build(
             source=tgt.path,
             hint="lower actions_per_chunk in the target profile or use a policy with longer chunks",
         )
-    ep_dir = Path(episodes) if episodes is not None else DEMO_EPISODES
+    ep_dir = (Path(episodes) if episodes is not None else DEMO_EPISODES).absolute()
     es = read_episodes(ep_dir)
     check_episodes_match(es, teacher.spec, ep_dir)
     run_seed = rcp.seed if seed is None else seed
@@ -472,3 +473,118 @@ def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp:
             **({"note": "; ".join(problems)} if problems else {}),
         })
     return gates, readiness
+
+
+RUNTIMES = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
+
+
+def _student_runner_for(runtime: str, out_dir: Path, onnx_path: Path, spec, tgt, log) -> tuple[Any, str | None]:
+    """(runner, device label if this run measures the target's hardware, else None)."""
+    from vlacompile.backends.onnxrt import OrtRunner
+
+    if runtime == "ort-cpu":
+        return OrtRunner(onnx_path, spec, provider="cpu"), None
+    if runtime == "tensorrt":
+        from vlacompile.backends.tensorrt import TrtRunner
+        from vlacompile.trt.engine import device_info
+
+        device = device_info()  # first: on a machine without TensorRT, that is what the user must hear
+        plan = out_dir / "student.plan"
+        if not plan.is_file():
+            raise OutputError("no student.plan", source=out_dir, hint=f"build the plans on this device first: vlacompile engine {out_dir}")
+        runner = TrtRunner(plan, spec)
+    else:
+        provider = runtime.removeprefix("ort-")
+        runner = OrtRunner(onnx_path, spec, provider=provider)
+        import torch  # the CUDA device ONNX Runtime runs on, for the label and the architecture check
+
+        props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+        device = {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"} if props else {"gpu": "CUDA GPU", "compute_capability": None}
+    label = f"{device['gpu']} (sm {device['compute_capability']}, {runner.name})"
+    want = tgt.device.compute_capability
+    if want and device.get("compute_capability") != want:
+        # A measurement on another GPU does not stand for the target's.
+        log(f"verify: {label} is not {tgt.device.name} (compute capability {want}): latency stays estimated")
+        return runner, None
+    return runner, label
+
+
+def verify_artifact(
+    out_dir: str | Path,
+    *,
+    runtime: str = "ort-cpu",
+    checkpoint: str | Path | None = None,
+    episodes: str | Path | None = None,
+    calls: int = 200,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Verify a built artifact again with ``runtime``; on the target's device this replaces the latency
+    estimate with measurements. The teacher and episodes must be the ones the artifact was built from
+    (checked by hash); the reports are rewritten in place, atomically."""
+    import dataclasses
+
+    from vlacompile.cache import episodes_hash
+    from vlacompile.checkpoint import load_policy
+    from vlacompile.data import read_episodes, split_episodes
+    from vlacompile.report import write_reports
+    from vlacompile.targets import parse_target
+    from vlacompile.verify import verify
+    from vlacompile.verify.gates import verdict
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out_dir)
+    if runtime not in RUNTIMES:
+        raise OutputError(f"unknown runtime {runtime!r}", source="--runtime", hint=f"choose one of {', '.join(RUNTIMES)}")
+    try:
+        report = json.loads((out / "report.json").read_text())
+        manifest = json.loads((out / "manifest.json").read_text())
+        target_data = json.loads((out / "target.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise OutputError(f"not a complete vlacompile artifact ({e})", source=out, hint="pass a directory written by `vlacompile build`") from None
+    tgt = parse_target({k: v for k, v in target_data.items() if k != "path"}, out / "target.json")
+
+    ckpt = Path(checkpoint) if checkpoint is not None else Path(manifest["inputs"]["teacher"])
+    teacher = load_policy(ckpt)
+    if teacher.meta["weights_sha256"] != manifest["inputs"]["teacher_weights_sha256"]:
+        raise CheckpointError(
+            "is not the teacher this artifact was built from (weights sha256 differs)",
+            source=ckpt,
+            hint=f"pass --checkpoint with the teacher whose model.safetensors has sha256 {manifest['inputs']['teacher_weights_sha256'][:16]}...",
+        )
+    ep_dir = Path(episodes) if episodes is not None else Path(report["episodes"]["path"])
+    if episodes_hash(ep_dir) != manifest["inputs"]["episodes_sha256"]:
+        raise EpisodeError(
+            "are not the episodes this artifact was built from (content hash differs)",
+            source=ep_dir,
+            hint="pass --episodes with the dataset used for the build: its held-out split is what verify runs on",
+        )
+    _, _, held_out = split_episodes(read_episodes(ep_dir), seed=manifest["seed"])
+    spec = dataclasses.replace(teacher.spec, flow_steps=report["student"]["flow_steps"])
+    student_dir = out / "student"
+    student = load_policy(student_dir) if student_dir.is_dir() else None
+    onnx_path = out / report["student"]["onnx"]
+    runner, device = _student_runner_for(runtime, out, onnx_path, spec, tgt, log)
+
+    with output_lock(out):
+        result = verify(
+            teacher, onnx_path, held_out, tgt, student_policy=student,
+            student_precision=report["student"]["precision"], calls=calls, seed=manifest["seed"],
+            progress=progress, log=log, student_runner=runner, on_device=device,
+        )
+        # Gates from the build that verify does not recompute (static readiness, closed loop) still count.
+        kept = [g for g in report["gates"]["gates"] if g["name"] in ("tensorrt_readiness", "closed_loop_success_drop")]
+        gates = verdict(result["gates"]["gates"] + kept)
+        report.update({k: v for k, v in result.items() if k not in ("status", "passed", "gates")})
+        report.update({"gates": gates, "status": gates["status"], "passed": gates["passed"], "exit_code": EXIT_CODES[gates["status"]]})
+        report["verified_with"] = {"runtime": runtime, "device": device, "on_target": device is not None}
+        tmp = out.parent / f".{out.name}.report-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            write_reports(report, tmp)
+            for name in REPORT_FILES:
+                os.replace(tmp / name, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return BuildResult(out_dir=out, report=report)

@@ -223,6 +223,8 @@ def verify(
     progress: bool = True,
     log: Callable[[str], None] = print,
     cache=None,
+    student_runner=None,
+    on_device: str | None = None,
 ) -> dict[str, Any]:
     """Compare the compiled student (``student_onnx``) with ``teacher`` on ``held_out`` episodes and
     judge ``target``'s gates. ``student_policy`` (the torch student the graph was exported from)
@@ -246,7 +248,8 @@ def verify(
 
     # Accuracy.
     teacher_runner = TorchRunner(teacher)
-    student_runner = _student_runner(student_onnx, student_spec, student_policy, provider, notes)
+    if student_runner is None:
+        student_runner = _student_runner(student_onnx, student_spec, student_policy, provider, notes)
     teacher_a, teacher_b = _teacher_actions(teacher, teacher_runner, inputs, noise2, cache, progress, notes)
     student_a = _run_all(student_runner, inputs, "student", progress)
     accuracy = action_agreement(teacher_a, student_a, samples.actions)
@@ -270,7 +273,7 @@ def verify(
     if target.runs_on_host:
         lat_student["process_memory"] = _student_memory(student_onnx, student_runner, observations[0], noises[0], provider, notes)
     lat_teacher.update({"runtime": teacher_runner.name, "measured_on": host, "kind": "measured"})
-    lat_student.update({"runtime": student_runner.name, "measured_on": host, "kind": "measured"})
+    lat_student.update({"runtime": student_runner.name, "measured_on": on_device or host, "kind": "measured"})
 
     # Roofline for the target (the host's microbenchmark where the target is the host).
     host_figures = measure_host() if target.device.memory_bandwidth_gbs is None else None
@@ -284,10 +287,11 @@ def verify(
         if roof:
             notes += roof.pop("notes", [])
 
-    measured = bool(target.runs_on_host)
+    # Measured where the target is this host, or where the caller ran the student on the target's device.
+    measured = bool(target.runs_on_host) or on_device is not None
     if measured:
         student_section = {**lat_student, "estimated_for": None, "estimate_ms": None}
-        p99, p99_source = lat_student["p99_ms"], f"measured on {host}"
+        p99, p99_source = lat_student["p99_ms"], f"measured on {lat_student['measured_on']}"
         speedup = lat_teacher["p50_ms"] / lat_student["p50_ms"]
     else:
         bound = roof_student["total_ms"]["value"] if roof_student else None
