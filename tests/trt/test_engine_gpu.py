@@ -136,3 +136,37 @@ def test_engine_build_run_and_pinned_timing_cache(int8_artifact, tiny_episode_se
     (out / ENGINE_JSON).write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="compute capability 1.0"):
         load_plan(out / "student.plan")
+
+
+def test_build_engine_then_verify_on_device_replaces_the_estimate(gpu, tmp_path, tiny_checkpoint, tiny_episodes):
+    """The whole device flow: build for an x86-gpu profile of THIS GPU (exit 3: estimated), build the
+    plans, then `vlacompile verify --runtime tensorrt` measures and the budget is no longer estimated."""
+    import torch
+
+    from vlacompile.cli import main
+    from vlacompile.resources import TARGETS_DIR
+
+    props = torch.cuda.get_device_properties(0)
+    target = tmp_path / "this-gpu.toml"
+    target.write_text(
+        (TARGETS_DIR / "x86-gpu.toml").read_text()
+        .replace('compute_capability = "8.9"', f'compute_capability = "{props.major}.{props.minor}"')
+        .replace("actions_per_chunk = 8", "actions_per_chunk = 4")
+        .replace("max_nmse = 0.05", "max_nmse = 10.0").replace("min_cosine = 0.95", "min_cosine = -1.0")
+    )
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[stages]]\nstage = "distill"\nflow_steps = 1\nsteps = 20\nnum_samples = 32\n'
+                      '[[stages]]\nstage = "quantize"\nprecision = "int8"\ncalibration_samples = 8\n'
+                      '[[stages]]\nstage = "export"\n')
+    out = tmp_path / "out"
+    cli = CliRunner()
+    built = cli.invoke(main, ["build", "-q", "--calls", "20", "--target", str(target), "--checkpoint", str(tiny_checkpoint),
+                              "--episodes", str(tiny_episodes), "--recipe", str(recipe), "--out", str(out)])
+    assert built.exit_code == 3, built.output
+    assert cli.invoke(main, ["engine", str(out)]).exit_code == 0
+    verified = cli.invoke(main, ["verify", str(out), "--runtime", "tensorrt", "--calls", "20", "-q"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["verified_with"]["on_target"] is True, verified.output
+    assert report["latency"]["student"]["kind"] == "measured" and report["latency"]["student"]["measured_on"]
+    assert report["status"] in ("passed", "failed") and verified.exit_code in (0, 1)
+    assert all(g["status"] != "not_verified" for g in report["gates"]["gates"])
