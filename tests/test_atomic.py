@@ -18,28 +18,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from test_build_e2e import TINY_RECIPE
+
 from vlacompile.cache import StageCache
 from vlacompile.cli import main
 from vlacompile.errors import EXIT_INPUT_ERROR
 
-RECIPE = """
-name = "tiny-atomic"
-seed = 0
-[[stages]]
-stage = "distill"
-vision_layers = [0]
-backbone_layers = [1]
-expert_layers = [0, 1]
-flow_steps = 1
-steps = 30
-batch_size = 16
-num_samples = 64
-[[stages]]
-stage = "export"
-[[stages]]
-stage = "quantize"
-precision = "int8"
-"""
+# The end-to-end tests' tiny recipe, with fewer distillation steps and no closed loop.
+RECIPE = TINY_RECIPE.split("[closed_loop]")[0].replace("steps = 60", "steps = 30").replace("num_samples = 128", "num_samples = 64")
+assert "steps = 30" in RECIPE and "num_samples = 64" in RECIPE
 
 # The code hash is pinned: another engineer saving a file between two builds must not change keys.
 SCRIPT = """

@@ -66,6 +66,13 @@ def _target(tmp_path: Path, name: str, *, max_nmse: float, p99_ms: float = 1000.
     return path
 
 
+def _thor_target(tmp_path: Path) -> Path:
+    """Thor's profile with chunks the tiny policy can supply (it emits 8 actions, Thor executes 16)."""
+    thor = tmp_path / "jetson-thor.toml"
+    thor.write_text((TARGETS_DIR / "jetson-thor.toml").read_text().replace("actions_per_chunk = 16", "actions_per_chunk = 8"))
+    return thor
+
+
 def _hashes(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -186,9 +193,7 @@ def test_bad_input_fails_fast_and_leaves_output_untouched(case, built, tiny_chec
 def test_jetson_thor_build_is_unverified_but_produces_onnx(tmp_path, tiny_checkpoint_module, tiny_episodes_module):
     recipe = tmp_path / "tiny-gpu.toml"
     recipe.write_text(TINY_GPU_RECIPE)
-    # Thor's profile with chunks the tiny policy can supply (it emits 8 actions, Thor executes 16).
-    thor = tmp_path / "jetson-thor.toml"
-    thor.write_text((TARGETS_DIR / "jetson-thor.toml").read_text().replace("actions_per_chunk = 16", "actions_per_chunk = 8"))
+    thor = _thor_target(tmp_path)
     out = tmp_path / "thor"
     result = _build(["--target", str(thor), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module), "--recipe", str(recipe), "--out", str(out)])
     assert (out / "report.json").is_file(), result.output
@@ -217,8 +222,7 @@ def test_jetson_thor_fp8_split_build(tmp_path, tiny_checkpoint_module, tiny_epis
     recipe.write_text(
         TINY_GPU_RECIPE.replace('precision = "int8"', 'precision = "fp8"').replace('stage = "export"', 'stage = "export"\nsplit = true')
     )
-    thor = tmp_path / "jetson-thor.toml"
-    thor.write_text((TARGETS_DIR / "jetson-thor.toml").read_text().replace("actions_per_chunk = 16", "actions_per_chunk = 8"))
+    thor = _thor_target(tmp_path)
     out = tmp_path / "thor-fp8"
     result = _build(["--target", str(thor), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module), "--recipe", str(recipe), "--out", str(out)])
     assert (out / "report.json").is_file(), result.output
