@@ -34,6 +34,13 @@ _FLIPPED_CAMERAS = ("corner", "corner2", "corner3")
 
 
 def _import_metaworld():
+    import os
+
+    # MuJoCo defaults to GLFW, which needs a display; headless machines render with OSMesa
+    # (Debian's libosmesa6; EGL failed on the CPU build machines). An explicit MUJOCO_GL wins.
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "osmesa"
+        os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
     try:
         import gymnasium  # noqa: F401
         import metaworld
