@@ -97,6 +97,16 @@ def check(params: Params, target, source: str = "recipe") -> None:
 # Export
 
 
+def _exporter_error(e: Exception, exporter: str, what: str, exporter_log: str, also: str = "") -> ExportError:
+    detail = str(e).strip().splitlines()
+    return ExportError(
+        f"the {exporter} exporter failed on {what}: {detail[0] if detail else type(e).__name__}",
+        source="export",
+        hint=f"try the other exporter (export.dynamo = true/false){', ' + also if also else ''}; the exporter said:\n"
+        + exporter_log[-2000:],
+    )
+
+
 def is_fake_quantized(module) -> bool:
     """Whether ``module`` carries modelopt quantisers (checked by class name: no modelopt import)."""
     return any(type(m).__name__ == "TensorQuantizer" for m in module.modules())
@@ -175,13 +185,8 @@ def _export_proto(policy: Policy, *, opset: int, batch_size: int, dynamo: bool, 
                     output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False, do_constant_folding=True,
                 )
                 return onnx.load(str(Path(tmp) / "model.onnx"))
-    except Exception as e:
-        detail = str(e).strip().splitlines()
-        raise ExportError(
-            f"the {exporter} exporter failed on the {policy.family} policy: {detail[0] if detail else type(e).__name__}",
-            source="export",
-            hint="try the other exporter (export.dynamo = true/false); the exporter said:\n" + log.getvalue()[-2000:],
-        ) from e
+    except Exception as e:  # the exporters raise many kinds; the user needs what failed and what to try
+        raise _exporter_error(e, exporter, f"the {policy.family} policy", log.getvalue()) from e
     finally:
         torch_onnx_log.setLevel(level)
 
@@ -586,12 +591,8 @@ def _export_part(part, args: tuple, names: tuple, outputs: tuple, path: Path, *,
                     )
                     model = onnx.load(str(Path(tmp) / "model.onnx"))
     except Exception as e:
-        detail = str(e).strip().splitlines()
-        raise ExportError(
-            f"the {'dynamo' if dynamo else 'torchscript'} exporter failed on {path.stem}: {detail[0] if detail else type(e).__name__}",
-            source="export",
-            hint="try the other exporter (export.dynamo = true/false), or set export.split = false; the exporter said:\n"
-            + log.getvalue()[-2000:],
+        raise _exporter_error(
+            e, "dynamo" if dynamo else "torchscript", path.stem, log.getvalue(), also="or set export.split = false"
         ) from e
     finally:
         torch_onnx_log.setLevel(level)
