@@ -53,9 +53,14 @@ class Runner(ABC):
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Batched model inputs -> actions float32 [B, chunk, action_dim]."""
 
-    def run_batched(self, inputs: dict[str, np.ndarray], batch_size: int = 32) -> np.ndarray:
+    def run_batched(self, inputs: dict[str, np.ndarray], batch_size: int = 32, *, progress: bool = False, desc: str = "") -> np.ndarray:
         n = len(inputs["state"])
-        outs = [self.run({k: v[i : i + batch_size] for k, v in inputs.items()}) for i in range(0, n, batch_size)]
+        starts = range(0, n, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc or self.name, unit="batch", leave=False)
+        outs = [self.run({k: v[i : i + batch_size] for k, v in inputs.items()}) for i in starts]
         return np.concatenate(outs) if outs else np.zeros((0, self.spec.chunk_size, self.spec.action_dim), np.float32)
 
     def get_action(self, obs: Observation, noise: np.ndarray) -> np.ndarray:

@@ -54,16 +54,6 @@ def _check_student_spec(teacher_spec, student_spec, onnx_path: Path) -> None:
         )
 
 
-def _run_all(runner, inputs: dict[str, np.ndarray], desc: str, progress: bool) -> np.ndarray:
-    n = len(inputs["state"])
-    starts = range(0, n, BATCH)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
-    return np.concatenate([runner.run({k: v[i : i + BATCH] for k, v in inputs.items()}) for i in starts])
-
-
 def _observation(images: np.ndarray, state: np.ndarray, task: str, cameras) -> dict:
     # As a camera driver delivers frames: one contiguous HxWx3 uint8 array per camera.
     return {
@@ -174,8 +164,8 @@ def _teacher_actions(teacher, runner, inputs: dict[str, np.ndarray], noise2: np.
         if hit is not None:
             notes.append(f"the teacher's held-out actions were reused from the stage cache (key {key[:12]}); latency was measured again")
             return hit["a"], hit["b"]
-    a = _run_all(runner, inputs, "teacher", progress)
-    b = _run_all(runner, {**inputs, "noise": noise2}, "teacher (2nd noise)", progress)
+    a = runner.run_batched(inputs, BATCH, progress=progress, desc="teacher")
+    b = runner.run_batched({**inputs, "noise": noise2}, BATCH, progress=progress, desc="teacher (2nd noise)")
     if key is not None:
         cache.put_arrays(key, "teacher-actions", {"a": a, "b": b})
     return a, b
@@ -251,7 +241,7 @@ def verify(
     if student_runner is None:
         student_runner = _student_runner(student_onnx, student_spec, student_policy, provider, notes)
     teacher_a, teacher_b = _teacher_actions(teacher, teacher_runner, inputs, noise2, cache, progress, notes)
-    student_a = _run_all(student_runner, inputs, "student", progress)
+    student_a = student_runner.run_batched(inputs, BATCH, progress=progress, desc="student")
     accuracy = action_agreement(teacher_a, student_a, samples.actions)
     accuracy["teacher_self_consistency"] = self_consistency(teacher_a, teacher_b)
     accuracy["measured_on"] = host
