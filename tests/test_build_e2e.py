@@ -270,3 +270,13 @@ def test_verify_on_gpu_runtimes_says_what_is_missing_here(built, runtime, words)
     assert "Traceback" not in result.output
     for word in words:
         assert word in result.output, result.output
+
+
+def test_verify_on_the_cpu_of_an_fp8_artifact_explains_instead_of_crashing(tmp_path, tiny_checkpoint_module, tiny_episodes_module):
+    recipe = tmp_path / "fp8.toml"
+    recipe.write_text(TINY_GPU_RECIPE.replace('precision = "int8"', 'precision = "fp8"'))
+    out = tmp_path / "thor-fp8"
+    _build(["--target", str(_thor_target(tmp_path)), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module), "--recipe", str(recipe), "--out", str(out)])
+    result = CliRunner().invoke(main, ["verify", str(out), "--runtime", "ort-cpu", "--quiet"])
+    assert result.exit_code == EXIT_INPUT_ERROR, result.output
+    assert "Traceback" not in result.output and "ONNX Runtime cannot run" in result.output and "Hint:" in result.output

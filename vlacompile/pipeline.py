@@ -479,11 +479,12 @@ RUNTIMES = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
 
 
 def _student_runner_for(runtime: str, out_dir: Path, onnx_path: Path, spec, tgt, log) -> tuple[Any, str | None]:
-    """(runner, device label if this run measures the target's hardware, else None)."""
+    """(runner, device label if this run measures the target's hardware, else None). For ort-cpu the
+    runner is None: verify picks it, falling back to the torch student for TensorRT-only graphs."""
     from vlacompile.backends.onnxrt import OrtRunner
 
     if runtime == "ort-cpu":
-        return OrtRunner(onnx_path, spec, provider="cpu"), None
+        return None, None
     if runtime == "tensorrt":
         from vlacompile.backends.tensorrt import TrtRunner
         from vlacompile.trt.engine import device_info
