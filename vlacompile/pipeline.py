@@ -25,6 +25,7 @@ from vlacompile.errors import (
     EXIT_OK,
     EXIT_UNVERIFIED,
     CheckpointError,
+    ConfigError,
     EpisodeError,
     OutputError,
 )
@@ -197,8 +198,6 @@ def build(
     ckpt = (Path(checkpoint) if checkpoint is not None else DEMO_TEACHER).absolute()
     teacher = load_policy(ckpt, allow_pickle=allow_pickle)
     if tgt.budget.actions_per_chunk > teacher.spec.chunk_size:
-        from vlacompile.errors import ConfigError
-
         raise ConfigError(
             f"budget.actions_per_chunk={tgt.budget.actions_per_chunk} exceeds the policy's chunk size {teacher.spec.chunk_size}: "
             "no chunk can supply that many actions",
@@ -452,11 +451,9 @@ def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp:
         result["notes"].append("per-part latency not measured here: the split graphs use TensorRT-only ops")
     elif (tmp / "split.json").is_file():
         from vlacompile.backends.split import time_parts
-        from vlacompile.targets import host_device_string
 
-        parts = time_parts(tmp, calls=calls)
-        result["latency"]["parts"] = {**parts, "measured_on": host_device_string(), "kind": "measured",
-                                      "note": "System 2 and one System 1 step timed alone with ONNX Runtime on this host"}
+        parts = time_parts(tmp, calls=calls)  # labelled measured on this host by time_parts itself
+        result["latency"]["parts"] = {**parts, "note": "System 2 and one System 1 step timed alone with ONNX Runtime on this host"}
 
     readiness = None
     if tgt.device.runtime == "tensorrt":
