@@ -152,15 +152,21 @@ def export_policy(
 
 
 def _export_proto(policy: Policy, *, opset: int, batch_size: int, dynamo: bool, scratch: Path):
+    example = policy.spec.example_inputs(batch=batch_size, seed=0)
+    args = tuple(example[k] for k in INPUT_NAMES)
+    return _run_exporter(policy.module.eval(), args, INPUT_NAMES, OUTPUT_NAMES, opset=opset, dynamo=dynamo,
+                         scratch=scratch, what=f"the {policy.family} policy")
+
+
+def _run_exporter(module, args: tuple, input_names, output_names, *, opset: int, dynamo: bool, scratch: Path,
+                  what: str, also: str = ""):
+    """torch.onnx.export with either exporter, quietly -> ModelProto; failures become ExportError."""
     import logging
     import tempfile
 
     import onnx
     import torch
 
-    example = policy.spec.example_inputs(batch=batch_size, seed=0)
-    args = tuple(example[k] for k in INPUT_NAMES)
-    module = policy.module.eval()
     exporter = "dynamo" if dynamo else "torchscript"
     log = io.StringIO()
     torch_onnx_log = logging.getLogger("torch.onnx")
@@ -174,19 +180,19 @@ def _export_proto(policy: Policy, *, opset: int, batch_size: int, dynamo: bool, 
             warnings.simplefilter("ignore")
             if dynamo:
                 program = torch.onnx.export(
-                    module, args, None, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                    module, args, None, input_names=list(input_names), output_names=list(output_names),
                     opset_version=opset, dynamo=True, verbose=False,
                 )
                 return program.model_proto
             # TorchScript writes > 2 GB models only to files (one per weight); read them back.
             with tempfile.TemporaryDirectory(dir=scratch, prefix=".export-") as tmp:
                 torch.onnx.export(
-                    module, args, str(Path(tmp) / "model.onnx"), input_names=list(INPUT_NAMES),
-                    output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False, do_constant_folding=True,
+                    module, args, str(Path(tmp) / "model.onnx"), input_names=list(input_names),
+                    output_names=list(output_names), opset_version=opset, dynamo=False, do_constant_folding=True,
                 )
                 return onnx.load(str(Path(tmp) / "model.onnx"))
     except Exception as e:  # the exporters raise many kinds; the user needs what failed and what to try
-        raise _exporter_error(e, exporter, f"the {policy.family} policy", log.getvalue()) from e
+        raise _exporter_error(e, exporter, what, log.getvalue(), also=also) from e
     finally:
         torch_onnx_log.setLevel(level)
 
@@ -565,37 +571,10 @@ def split_stats(module) -> dict[str, list[float]]:
 
 def _export_part(part, args: tuple, names: tuple, outputs: tuple, path: Path, *, opset: int, dynamo: bool,
                  external_data_threshold_mb: float) -> None:
-    import logging
-    import tempfile
-
     import onnx
-    import torch
 
-    log = io.StringIO()
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    level = torch_onnx_log.level
-    try:
-        torch_onnx_log.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(log), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            if dynamo:
-                model = torch.onnx.export(
-                    part, args, None, input_names=list(names), output_names=list(outputs),
-                    opset_version=opset, dynamo=True, verbose=False,
-                ).model_proto
-            else:
-                with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-                    torch.onnx.export(
-                        part, args, str(Path(tmp) / "model.onnx"), input_names=list(names), output_names=list(outputs),
-                        opset_version=opset, dynamo=False, do_constant_folding=True,
-                    )
-                    model = onnx.load(str(Path(tmp) / "model.onnx"))
-    except Exception as e:
-        raise _exporter_error(
-            e, "dynamo" if dynamo else "torchscript", path.stem, log.getvalue(), also="or set export.split = false"
-        ) from e
-    finally:
-        torch_onnx_log.setLevel(level)
+    model = _run_exporter(part, args, names, outputs, opset=opset, dynamo=dynamo, scratch=path.parent,
+                          what=path.stem, also="or set export.split = false")
     normalize_graph(model, exporter="dynamo" if dynamo else "torchscript", module=part)
     save_onnx(model, path, external_data_threshold_mb=external_data_threshold_mb)
     try:
