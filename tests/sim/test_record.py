@@ -21,7 +21,7 @@ def test_recorded_experts_round_trip_and_replay_to_success(tmp_path):
 
     back = read_episodes(write_episodes(tmp_path / "mt", es))
     assert len(back) == 2 and [ep.task for ep in back.episodes] == tasks
-    assert back.robot_type == ROBOT_TYPE and back.state_dim == 4 and back.action_dim == 4
+    assert back.robot_type == ROBOT_TYPE and back.state_dim == 39 and back.action_dim == 4
     for ep, rec in zip(back.episodes, summary):
         img = ep.images["front"]
         assert img.dtype == np.uint8 and img.shape == (len(ep), 32, 32, 3) and img.std() > 5  # a scene, not blank

@@ -1,15 +1,23 @@
 """Meta-World MT10 (metaworld 3.x, MuJoCo) as a closed-loop suite.
 
 Each task is one MT10 environment with an English instruction. Observations follow vlacompile's
-layout: one camera rendered offscreen (``rgb_array``) at ``image_size``, turned upright; state = end
-effector position (3) + gripper opening (1); actions are Meta-World's (dx, dy, dz, gripper) in
-[-1, 1]. ``reset(seed=s)`` draws object and goal positions from ``s`` (Meta-World ignores gymnasium's
-reset seed, so the seed goes through ``env.seed`` with seeded random vectors).
+layout: one camera rendered offscreen (``rgb_array``) at ``image_size``, turned upright, with shadows
+and reflections off (61 -> 16 ms a frame under OSMesa here); state = Meta-World's full 39-number
+observation (``STATE_NAMES``: hand, gripper, object poses, the previous frame of those, and the goal).
+The goal is in the state because the renders do not show it (reach, push and pick-place goals are
+invisible sites), as LeRobot's Meta-World datasets carry it in ``observation.environment_state``.
+Actions are Meta-World's (dx, dy, dz, gripper) in [-1, 1]. ``reset(seed=s)`` draws object and goal
+positions from ``s`` (Meta-World ignores gymnasium's reset seed, so the seed goes through
+``env.seed`` with seeded random vectors).
+
+Images are rendered when an observation's ``images`` are first read, not at every step: a policy
+that executes 8 actions per chunk looks at one frame in 8, and rendering dominates a step's cost.
 
 Needs the ``sim`` extra: ``pip install 'vlacompile[sim]'`` (metaworld, gymnasium, mujoco).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +40,11 @@ MT10_INSTRUCTIONS: dict[str, str] = {
 # Cameras that metaworld renders upside down and mirrored.
 _FLIPPED_CAMERAS = ("corner", "corner2", "corner3")
 
+# Meta-World's observation: this frame's 18 numbers, the previous frame's, then the goal.
+_FRAME = ("hand_x", "hand_y", "hand_z", "gripper", *(f"obj1_{k}" for k in ("x", "y", "z", "qw", "qx", "qy", "qz")),
+          *(f"obj2_{k}" for k in ("x", "y", "z", "qw", "qx", "qy", "qz")))
+STATE_NAMES: tuple[str, ...] = (*_FRAME, *(f"prev_{n}" for n in _FRAME), "goal_x", "goal_y", "goal_z")
+
 
 def _import_metaworld():
     import os
@@ -53,6 +66,32 @@ def _import_metaworld():
     return metaworld
 
 
+class _LazyImages(Mapping):
+    """``{camera_key: image}`` rendered on first access, valid only until the env steps again."""
+
+    def __init__(self, env: "MetaWorldEnv", step: int):
+        self._env, self._step, self._images = env, step, None
+
+    def _load(self) -> dict:
+        if self._images is None:
+            if self._env._t != self._step:
+                raise RuntimeError(
+                    f"the images of step {self._step} were read after the environment moved on to step {self._env._t}; "
+                    "read an observation's images before stepping again"
+                )
+            self._images = {self._env.camera_key: self._env._render()}
+        return self._images
+
+    def __getitem__(self, key):
+        return self._load()[key]
+
+    def __iter__(self):
+        return iter((self._env.camera_key,))
+
+    def __len__(self) -> int:
+        return 1
+
+
 class MetaWorldEnv:
     """One MT10 task; gymnasium's reset/step API with vlacompile observations."""
 
@@ -65,15 +104,28 @@ class MetaWorldEnv:
         mt1 = metaworld.MT1(env_name, seed=0)
         self._env = mt1.train_classes[env_name](render_mode="rgb_array", camera_name=camera, width=image_size, height=image_size)
         self._env.set_task(mt1.train_tasks[0])
+        self._env._partially_observable = False  # the goal is part of the state (see the module doc)
         self._t = 0
+        self._fast_render = False
 
-    def _obs(self, raw: np.ndarray) -> dict:
+    def _render(self) -> np.ndarray:
+        if not self._fast_render:  # the viewer exists after the first render
+            import mujoco
+
+            self._env.render()
+            scene = self._env.mujoco_renderer._get_viewer("rgb_array").scn
+            scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+            scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+            self._fast_render = True
         image = np.asarray(self._env.render(), dtype=np.uint8)
         if self._flip:
             image = image[::-1, ::-1]
+        return np.ascontiguousarray(image)
+
+    def _obs(self, raw: np.ndarray) -> dict:
         return {
-            "images": {self.camera_key: np.ascontiguousarray(image)},
-            "state": np.asarray(raw[:4], dtype=np.float32),  # hand xyz, gripper opening
+            "images": _LazyImages(self, self._t),
+            "state": np.asarray(raw, dtype=np.float32).reshape(-1)[: len(STATE_NAMES)],
             "task": self.task,
         }
 
@@ -111,7 +163,7 @@ class MetaWorldSuite:
     max_steps: int = 200
     camera: str = "corner2"
     name: str = "metaworld-mt10"
-    state_dim: int = 4
+    state_dim: int = len(STATE_NAMES)
     action_dim: int = 4
     env_names: dict[str, str] = field(default_factory=lambda: dict(MT10_INSTRUCTIONS))
 
@@ -120,6 +172,10 @@ class MetaWorldSuite:
         object.__setattr__(self, "cameras", tuple(self.cameras))
         if len(self.cameras) != 1:
             raise ValueError(f"the Meta-World suite renders one camera; got cameras {self.cameras}")
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return STATE_NAMES
 
     @property
     def tasks(self) -> list[str]:

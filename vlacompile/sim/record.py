@@ -31,7 +31,7 @@ def record_seed(seed: int, task_index: int, episode: int) -> int:
 def _tap_raw_obs(inner) -> dict:
     """Keep the raw Meta-World observation the adapter's env last returned; the expert reads it.
 
-    The adapter reduces observations to image + 4-d state, and re-reading ``_get_obs()`` would
+    The adapter returns the state as float32, and re-reading ``_get_obs()`` would
     shift Meta-World's frame stack, so reset/step are wrapped on this instance instead.
     """
     last: dict = {}
@@ -134,7 +134,7 @@ def record_expert_episodes_with_summary(
         state_dim=suite.state_dim,
         action_dim=suite.action_dim,
         robot_type=ROBOT_TYPE,
-        state_names=("hand_x", "hand_y", "hand_z", "gripper"),
+        state_names=getattr(suite, "state_names", None),
         action_names=("dx", "dy", "dz", "gripper"),
     )
     return es, summary
