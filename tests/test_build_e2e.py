@@ -136,17 +136,21 @@ def test_failed_gate_exits_1_and_still_writes_report(built, tiny_checkpoint_modu
     tmp = built["tmp"]
     strict = _target(tmp, "strict-cpu", max_nmse=1e-9)
     out = tmp / "strict-out"
-    result = _build(["--target", str(strict), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module), "--recipe", str(built["recipe"]), "--out", str(out)])
+    result = _build(["--target", str(strict), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module),
+                     "--recipe", str(built["recipe"]), "--out", str(out), "--no-closed-loop"])
     assert result.exit_code == EXIT_GATE_FAILED, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is False and report["status"] == "failed"
+    # --no-closed-loop: the recipe's simulator evaluation was skipped, and nothing claims it ran.
+    assert "closed_loop" not in report and "skipped (--no-closed-loop)" in result.output
+    assert not any(g["name"] == "closed_loop_success_drop" for g in report["gates"]["gates"])
     failed = [g for g in report["gates"]["gates"] if g["status"] == "fail"]
     assert any("nmse" in g["name"].lower() for g in failed)
 
 
 @pytest.mark.parametrize(
     "case",
-    ["fp8_on_cpu", "missing_checkpoint", "truncated_weights", "missing_column", "unknown_target", "unknown_stage"],
+    ["fp8_on_cpu", "missing_checkpoint", "truncated_weights", "missing_column", "unknown_target", "unknown_stage", "suite_misfit"],
 )
 def test_bad_input_fails_fast_and_leaves_output_untouched(case, built, tiny_checkpoint_module, tiny_episodes_module):
     tmp, out = built["tmp"], built["out"]
@@ -182,6 +186,10 @@ def test_bad_input_fails_fast_and_leaves_output_untouched(case, built, tiny_chec
         recipe = tmp / "unknown-stage.toml"
         recipe.write_text(TINY_RECIPE.replace('stage = "export"', 'stage = "exprot"'))
         expect = ["exprot", "export"]
+    elif case == "suite_misfit":  # a closed-loop task the suite does not have: refused before any work
+        recipe = tmp / "misfit.toml"
+        recipe.write_text(TINY_RECIPE.replace('suite = "reaching"', 'suite = "reaching"\ntasks = ["open the pod bay doors"]'))
+        expect = ["[closed_loop]", "open the pod bay doors", "--no-closed-loop"]
     result = _build(["--target", target, "--checkpoint", str(ckpt), "--episodes", str(eps), "--recipe", str(recipe), "--out", str(out)])
     assert result.exit_code == EXIT_INPUT_ERROR, result.output
     for word in expect:

@@ -38,7 +38,8 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VLACOMPILE_CACHE", help="Stage cache directory (env VLACOMPILE_CACHE). Default: ~/.cache/vlacompile.")
 @click.option("--no-cache", is_flag=True, help="Run every stage; neither read nor write the stage cache.")
-def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, quiet, cache_dir, no_cache) -> None:
+@click.option("--no-closed-loop", is_flag=True, help="Skip the recipe's closed-loop evaluation in a simulator (the report then has none).")
+def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, quiet, cache_dir, no_cache, no_closed_loop) -> None:
     """Distill, prune, quantise, export and verify a policy for TARGET; write build/<target>/."""
     from vlacompile.pipeline import build as run_build
     from vlacompile.report import summarize
@@ -56,6 +57,7 @@ def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, 
             progress=not quiet,
             cache_dir=cache_dir,
             use_cache=not no_cache,
+            closed_loop=not no_closed_loop,
         )
     except VlaCompileError as err:
         _fail(err)

@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -173,8 +173,11 @@ def build(
     log: Callable[[str], None] | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
+    closed_loop: bool = True,
 ) -> BuildResult:
     """Compile a VLA checkpoint for a target and verify it. See the README for the exit codes.
+
+    ``closed_loop=False`` skips the recipe's closed-loop evaluation (the report then has none).
 
     Stage outputs are cached under ``cache_dir`` (default ``$VLACOMPILE_CACHE`` or
     ``~/.cache/vlacompile``; see ``vlacompile.cache``) unless ``use_cache`` is False.
@@ -189,6 +192,9 @@ def build(
     tgt = load_target(target)
     rcp = load_recipe(recipe or tgt.default_recipe)
     check_recipe(rcp, tgt)
+    if not closed_loop and rcp.closed_loop is not None:
+        log(f"vlacompile: closed-loop evaluation in {rcp.closed_loop.suite} skipped (--no-closed-loop)")
+        rcp = replace(rcp, closed_loop=None)
     out_dir = Path(out) if out is not None else Path("build") / tgt.name
     check_output_dir(out_dir)
 
@@ -207,6 +213,8 @@ def build(
     ep_dir = (Path(episodes) if episodes is not None else DEMO_EPISODES).absolute()
     es = read_episodes(ep_dir)
     check_episodes_match(es, teacher.spec, ep_dir)
+    if rcp.closed_loop is not None:
+        _check_closed_loop(rcp, teacher.spec)
     run_seed = rcp.seed if seed is None else seed
     train, calib, held_out = split_episodes(es, seed=run_seed)
     inputs = _build_inputs(teacher, ckpt, ep_dir, run_seed)
@@ -238,6 +246,26 @@ def build(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return BuildResult(out_dir=out_dir, report=report)
+
+
+def _check_closed_loop(rcp, spec) -> None:
+    """Before any work: the recipe's suite is installed and fits the teacher."""
+    from vlacompile.errors import VlaCompileError
+    from vlacompile.sim import get_suite
+    from vlacompile.sim.rollout import check_compatible
+
+    cfg = rcp.closed_loop
+    where = f"{rcp.path or rcp.name} [closed_loop]"
+    try:
+        suite = get_suite(cfg.suite, cameras=tuple(c.name for c in spec.cameras), image_size=spec.cameras[0].height)
+        check_compatible(spec, suite, list(cfg.tasks) or None)
+    except VlaCompileError as err:
+        raise type(err)(
+            f"{err.message}", source=where, hint=f"{err.hint + '; or ' if err.hint else ''}build with --no-closed-loop to skip the simulator"
+        ) from err
+    except (TypeError, ValueError) as err:  # the suite rejected the teacher's cameras or image size
+        raise ConfigError(f"suite {cfg.suite!r} cannot run this teacher: {err}", source=where,
+                          hint="choose the suite the teacher was trained in, or build with --no-closed-loop") from err
 
 
 def _build_inputs(teacher, ckpt: Path, ep_dir: Path, seed: int) -> dict[str, Any]:

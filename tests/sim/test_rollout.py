@@ -170,3 +170,42 @@ def test_metaworld_suite_runs_a_closed_loop_episode():
     np.testing.assert_array_equal(obs["state"], again["state"])
     result = evaluate(Still(8), suite, tasks=suite.tasks[:2], episodes_per_task=1, seed=0, actions_per_chunk=8, progress=False)
     assert result["episodes"] == 2
+
+
+def test_metaworld_state_carries_the_goal_and_images_render_only_when_read():
+    pytest.importorskip("metaworld", reason="Meta-World is the optional [sim] extra; not installed in this environment")
+    from vlacompile.sim.metaworld import STATE_NAMES
+
+    suite = get_suite("metaworld-mt10", cameras=("front",), image_size=32, max_steps=20)
+    assert suite.state_dim == len(STATE_NAMES) == 39
+    env = suite.make_env("reach the goal position")
+    obs, _ = env.reset(seed=5)
+    goal = [STATE_NAMES.index(f"goal_{k}") for k in "xyz"]
+    # The goal the renders do not show is in the state, and it is the scene's goal.
+    np.testing.assert_allclose(obs["state"][goal], env._env._target_pos, atol=1e-6)
+    other, _ = env.reset(seed=6)
+    assert not np.allclose(other["state"][goal], obs["state"][goal])
+    # Frames render lazily: an unread observation costs no render, and reading a stale one is refused
+    # instead of silently rendering the newer scene.
+    renders = []
+    real = env._render
+    env._render = lambda: renders.append(1) or real()
+    first, _ = env.reset(seed=5)
+    second, *_ = env.step(np.zeros(4, np.float32))
+    assert renders == []
+    with pytest.raises(RuntimeError, match="after the environment moved on"):
+        first["images"]["front"]
+    assert second["images"]["front"].shape == (32, 32, 3) and len(renders) == 1
+    second["images"]["front"]
+    assert len(renders) == 1  # rendered once, then kept
+
+
+def test_a_policy_with_another_state_size_is_refused_for_the_suite(tiny_policy):
+    from vlacompile.sim.rollout import check_compatible
+
+    suite = get_suite("reaching", cameras=tuple(c.name for c in tiny_policy.spec.cameras), image_size=tiny_policy.spec.cameras[0].height)
+    check_compatible(tiny_policy.spec, suite)  # the tiny policy is built for the reaching task
+    import dataclasses
+
+    with pytest.raises(ConfigError, match=r"state has 7 dimensions; suite 'reaching' has 6"):
+        check_compatible(dataclasses.replace(tiny_policy.spec, state_dim=7), suite)

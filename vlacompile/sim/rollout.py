@@ -7,7 +7,8 @@ the noise of every chunk depend only on (seed, task, episode, chunk), so a teach
 evaluated with the same arguments start from the same states and sample with the same noise: their
 success rates differ only through their actions.
 
-A runner needs ``spec.chunk_size``, ``spec.action_dim`` and ``get_action``; a controller that reads
+A runner needs ``spec.chunk_size``, ``spec.action_dim`` and ``get_action`` (and ``spec.state_dim``
+when it reads the state); a controller that reads
 the simulator (a scripted expert) may also define ``begin_episode(env)``, called after each reset.
 """
 from __future__ import annotations
@@ -41,8 +42,9 @@ def _jerk(actions: np.ndarray) -> float | None:
     return float(np.mean(np.diff(actions, n=3, axis=0) ** 2))
 
 
-def _check(runner, suite: Suite, tasks: list[str], actions_per_chunk: int, episodes_per_task: int) -> None:
-    spec = runner.spec
+def check_compatible(spec, suite: Suite, tasks: list[str] | None = None) -> None:
+    """The policy ``spec`` can drive ``suite``: tasks, cameras, state and action sizes match."""
+    tasks = list(suite.tasks if tasks is None else tasks)
     unknown = [t for t in tasks if t not in suite.tasks]
     if unknown:
         raise ConfigError(f"tasks {unknown} are not in suite {suite.name!r}", source="closed-loop evaluation", hint=f"choose from {suite.tasks}")
@@ -53,11 +55,18 @@ def _check(runner, suite: Suite, tasks: list[str], actions_per_chunk: int, episo
             source="closed-loop evaluation",
             hint="build the suite with the policy's camera names",
         )
-    if spec.action_dim != suite.action_dim:
-        raise ConfigError(
-            f"the policy emits {spec.action_dim}-dimensional actions; suite {suite.name!r} takes {suite.action_dim}",
-            source="closed-loop evaluation",
-        )
+    # A controller without a state_dim (a scripted one) does not read the state vector.
+    for what, have, need in (("state", getattr(spec, "state_dim", None), suite.state_dim), ("action", spec.action_dim, suite.action_dim)):
+        if have is not None and have != need:
+            raise ConfigError(
+                f"the policy's {what} has {have} dimensions; suite {suite.name!r} has {need}",
+                source="closed-loop evaluation",
+                hint="evaluate in the suite the policy was trained for (recipe [closed_loop] suite)",
+            )
+
+
+def _check(runner, suite: Suite, tasks: list[str], actions_per_chunk: int, episodes_per_task: int) -> None:
+    check_compatible(runner.spec, suite, tasks)
     if actions_per_chunk < 1:
         raise ConfigError(f"actions_per_chunk must be at least 1, got {actions_per_chunk}", source="closed-loop evaluation")
     if episodes_per_task < 1:
