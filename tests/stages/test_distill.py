@@ -157,12 +157,44 @@ def test_layer_index_out_of_range_names_the_param_and_the_depth(teacher, episode
         (dict(batch_size=0), "batch_size"),
         (dict(lr=0.0), "lr"),
         (dict(feature_loss_weight=-1.0), "feature_loss_weight"),
+        (dict(state_jitter_copies=2), "state_jitter_copies"),  # copies without a jitter are plain duplicates
+        (dict(state_jitter_copies=-1), "state_jitter_copies"),
     ],
 )
 def test_check_rejects_illegal_params(change, key):
     with pytest.raises(ConfigError) as e:
         distill.check(replace(distill.Params(), **change), None, source="r.toml")
     assert f"distill.{key}" in str(e.value) and "r.toml" in str(e.value)
+
+
+def test_state_jitter_copies_keep_the_originals_and_move_only_the_state(episodes):
+    import numpy as np
+
+    from vlacompile.data import draw_stratified
+
+    samples = draw_stratified(episodes[0], 32, chunk_size=4, seed=0)
+    before = samples.state.copy()
+    sigma = np.linspace(0.01, 0.5, samples.state.shape[1]).astype(np.float32)
+    out = distill.with_state_jitter(samples, 3, sigma, seed=0)
+    n = len(samples)
+    assert len(out) == 4 * n
+    np.testing.assert_array_equal(samples.state, before)  # the caller's samples are not modified
+    np.testing.assert_array_equal(out.state[:n], before)
+    for k in range(1, 4):
+        np.testing.assert_array_equal(out.images[k * n : (k + 1) * n], samples.images)
+        assert out.tasks[k * n : (k + 1) * n] == samples.tasks
+    moved = (out.state[n:] - np.tile(before, (3, 1))) / sigma
+    # The noise is standard normal in units of sigma, per dimension, and deterministic under the seed.
+    assert abs(moved.mean()) < 0.1 and 0.9 < moved.std() < 1.1
+    np.testing.assert_array_equal(distill.with_state_jitter(samples, 3, sigma, seed=0).state, out.state)
+
+
+def test_state_jitter_distillation_trains_on_the_jittered_observations(teacher, episodes):
+    logs: list[str] = []
+    params = replace(SMALL, steps=20, num_samples=64, state_jitter_copies=2, state_jitter=0.3)
+    art = distill.run(Artifact(policy=teacher), params, make_ctx(teacher, episodes, logs=logs))
+    assert art.records[-1]["num_samples"] == 3 * 64
+    assert any("192 (observation, noise) pairs" in m for m in logs), logs
 
 
 def test_train_to_match_is_usable_on_its_own(teacher, episodes):

@@ -38,6 +38,11 @@ class Params:
     noises_per_sample: int = 1
     feature_loss_weight: float = 0.0  # MSE between student and teacher prefix (backbone) features
     weight_decay: float = 0.0
+    # Extra copies of each observation with its state moved by N(0, (state_jitter * teacher state std)^2).
+    # Distillation needs no labels, so these are free data: with a few episodes per task the student
+    # otherwise sees few object/goal positions, and closed loop drifts off the recorded states.
+    state_jitter_copies: int = 0
+    state_jitter: float = 0.0
 
 
 def kinds(params: Params, target) -> tuple[Kind, Kind]:
@@ -61,14 +66,34 @@ def check(params: Params, target, source: str = "recipe") -> None:
         raise ConfigError(f"distill.mlp_ratio is {params.mlp_ratio}; it must be in (0, 1]", source=source)
     if params.flow_steps is not None and params.flow_steps < 1:
         raise ConfigError(f"distill.flow_steps is {params.flow_steps}; it must be >= 1", source=source)
-    for key, low in (("steps", 0), ("batch_size", 1), ("num_samples", 1), ("noises_per_sample", 1)):
+    for key, low in (("steps", 0), ("batch_size", 1), ("num_samples", 1), ("noises_per_sample", 1), ("state_jitter_copies", 0)):
         if getattr(params, key) < low:
             raise ConfigError(f"distill.{key} is {getattr(params, key)}; it must be >= {low}", source=source)
     if not params.lr > 0:
         raise ConfigError(f"distill.lr is {params.lr}; it must be > 0", source=source)
-    for key in ("feature_loss_weight", "weight_decay"):
+    if (params.state_jitter_copies > 0) != (params.state_jitter > 0):
+        raise ConfigError(
+            f"distill.state_jitter_copies is {params.state_jitter_copies} and distill.state_jitter {params.state_jitter}",
+            source=source,
+            hint="set both (copies >= 1 and a jitter > 0, in units of the state's std) or neither",
+        )
+    for key in ("feature_loss_weight", "weight_decay", "state_jitter"):
         if getattr(params, key) < 0:
             raise ConfigError(f"distill.{key} is {getattr(params, key)}; it must be >= 0", source=source)
+
+
+def with_state_jitter(samples, copies: int, sigma, *, seed: int):
+    """``samples`` followed by ``copies`` copies whose states carry Gaussian noise of std ``sigma``
+    (per dimension); images, instructions and recorded actions are shared with the original."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 0x57A7E])
+    rows = np.tile(np.arange(len(samples)), copies + 1)
+    out = samples.select(rows)
+    n = len(samples)
+    noise = rng.standard_normal((n * copies, out.state.shape[1])).astype(np.float32) * np.asarray(sigma, np.float32)
+    out.state[n:] += noise
+    return out
 
 
 def _check_against(params: Params, config: Any) -> dict[str, list[int]]:
@@ -164,6 +189,9 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
         if ctx.train is None:
             raise EpisodeError("distill needs training episodes", source="distill", hint="pass --episodes")
         samples = draw_stratified(ctx.train, params.num_samples, chunk_size=teacher.spec.chunk_size, seed=ctx.seed)
+        if params.state_jitter_copies:
+            std = teacher.module.state_std.detach().cpu().numpy()
+            samples = with_state_jitter(samples, params.state_jitter_copies, params.state_jitter * std, seed=ctx.seed)
         settings = MatchSettings(
             steps=params.steps,
             batch_size=params.batch_size,
