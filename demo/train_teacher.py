@@ -1,10 +1,10 @@
 """Train the shipped demo teacher on recorded Meta-World MT10 demonstrations.
 
-    # 1. record (see demo/record_metaworld.py; ~5 min for both halves in parallel on 2 cores)
-    python demo/record_metaworld.py --episodes-per-task 50 --seed 0 --out demo/.mt10-train
-    python demo/record_metaworld.py --episodes-per-task 4 --seed 1 --out calibration/demo
-    # 2. train (resumable: re-run the same command to continue) and evaluate in closed loop
-    python demo/train_teacher.py --episodes demo/.mt10-train --held-out calibration/demo
+    # 1. record (README "The demo teacher" splits the first command over two processes: ~6 min)
+    python demo/record_metaworld.py --episodes-per-task 50 --seed 0 --out demo/.mt10-train/all
+    python demo/record_metaworld.py --episodes-per-task 5 --seed 1 --out calibration/demo
+    # 2. train (~31 min idle; resumable: re-run the same command to continue), then closed loop
+    python demo/train_teacher.py --episodes demo/.mt10-train/all --held-out calibration/demo
 
 The teacher's cameras, image size, state and action sizes and control rate come from the recorded
 episodes; its architecture (6+6+6 layers, width 128, 10 flow steps, chunks of 16) is fixed here so
