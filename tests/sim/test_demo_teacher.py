@@ -46,3 +46,20 @@ def test_demo_teacher_solves_mt10_in_closed_loop(teacher):
     )
     # It scored 0.95-0.96 over 100 such scenes when it was trained; 0.7 leaves room for other CPUs.
     assert result["episodes"] == 10 and result["success_rate"] >= 0.7, result["tasks"]
+
+
+def test_default_build_without_the_sim_extra_stops_before_any_work(monkeypatch, tmp_path):
+    import sys
+
+    from click.testing import CliRunner
+
+    from vlacompile.cli import main
+    from vlacompile.errors import EXIT_INPUT_ERROR
+
+    monkeypatch.setitem(sys.modules, "metaworld", None)  # as if the [sim] extra were not installed
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", "--target", "x86-cpu", "--quiet", "--no-cache", "--out", str(out)])
+    assert result.exit_code == EXIT_INPUT_ERROR, result.output
+    assert "x86-cpu.toml [closed_loop]" in result.output and "vlacompile[sim]" in result.output
+    assert "--no-closed-loop" in result.output and "Traceback" not in result.output
+    assert not out.exists()
