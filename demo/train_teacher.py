@@ -103,12 +103,12 @@ def open_loop(model, tensors, seed: int, batch: int = 64) -> dict:
 
 def closed_loop(policy, episodes_per_task: int, seed: int) -> dict:
     from vlacompile.backends.torch_eager import TorchRunner
-    from vlacompile.sim import get_suite
+    from vlacompile.sim import suite_for
     from vlacompile.sim.rollout import evaluate
     from vlacompile.targets import load_target
 
     spec = policy.spec
-    suite = get_suite("metaworld-mt10", cameras=tuple(c.name for c in spec.cameras), image_size=spec.cameras[0].height)
+    suite = suite_for("metaworld-mt10", spec)
     r = evaluate(
         TorchRunner(policy), suite, episodes_per_task=episodes_per_task, seed=seed,
         actions_per_chunk=load_target("x86-cpu").budget.actions_per_chunk,

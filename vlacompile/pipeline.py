@@ -251,17 +251,17 @@ def build(
 def _check_closed_loop(rcp, spec) -> None:
     """Before any work: the recipe's suite is installed and fits the teacher."""
     from vlacompile.errors import VlaCompileError
-    from vlacompile.sim import get_suite
+    from vlacompile.sim import suite_for
     from vlacompile.sim.rollout import check_compatible
 
     cfg = rcp.closed_loop
     where = f"{rcp.path or rcp.name} [closed_loop]"
     try:
-        suite = get_suite(cfg.suite, cameras=tuple(c.name for c in spec.cameras), image_size=spec.cameras[0].height)
+        suite = suite_for(cfg.suite, spec)
         check_compatible(spec, suite, list(cfg.tasks) or None)
     except VlaCompileError as err:
         raise type(err)(
-            f"{err.message}", source=where, hint=f"{err.hint + '; or ' if err.hint else ''}build with --no-closed-loop to skip the simulator"
+            err.message, source=where, hint=f"{err.hint + '; or ' if err.hint else ''}build with --no-closed-loop to skip the simulator"
         ) from err
     except (TypeError, ValueError) as err:  # the suite rejected the teacher's cameras or image size
         raise ConfigError(f"suite {cfg.suite!r} cannot run this teacher: {err}", source=where,

@@ -31,14 +31,14 @@ def test_demo_teacher_solves_mt10_in_closed_loop(teacher):
     pytest.importorskip("metaworld", reason="Meta-World is the optional [sim] extra; not installed in this environment")
     from vlacompile.backends.torch_eager import TorchRunner
     from vlacompile.recipes import load_recipe
-    from vlacompile.sim import get_suite
+    from vlacompile.sim import suite_for
     from vlacompile.sim.rollout import evaluate
     from vlacompile.targets import load_target
 
     spec = teacher.spec
     recipe = load_recipe(RECIPES_DIR / "x86-cpu.toml")
     assert recipe.closed_loop is not None and recipe.closed_loop.suite == "metaworld-mt10"
-    suite = get_suite("metaworld-mt10", cameras=tuple(c.name for c in spec.cameras), image_size=spec.cameras[0].height)
+    suite = suite_for("metaworld-mt10", spec)
     # The first evaluation scene of each task, chunked as x86-cpu executes it: a few seconds here.
     result = evaluate(
         TorchRunner(teacher), suite, episodes_per_task=1, seed=recipe.closed_loop.seed,

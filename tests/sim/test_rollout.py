@@ -8,7 +8,7 @@ import pytest
 
 from vlacompile.backends.torch_eager import TorchRunner
 from vlacompile.errors import ConfigError, MissingDependencyError
-from vlacompile.sim import SUITES, Suite, get_suite
+from vlacompile.sim import SUITES, Suite, get_suite, suite_for
 from vlacompile.sim.reaching import ScriptedExpert
 from vlacompile.sim.rollout import compare, evaluate
 
@@ -203,7 +203,7 @@ def test_metaworld_state_carries_the_goal_and_images_render_only_when_read():
 def test_a_policy_with_another_state_size_is_refused_for_the_suite(tiny_policy):
     from vlacompile.sim.rollout import check_compatible
 
-    suite = get_suite("reaching", cameras=tuple(c.name for c in tiny_policy.spec.cameras), image_size=tiny_policy.spec.cameras[0].height)
+    suite = suite_for("reaching", tiny_policy.spec)
     check_compatible(tiny_policy.spec, suite)  # the tiny policy is built for the reaching task
     import dataclasses
 

@@ -66,4 +66,9 @@ def get_suite(name: str, **kwargs: Any) -> Suite:
     return factory(**kwargs)
 
 
-__all__ = ["Env", "Suite", "SUITES", "get_suite"]
+def suite_for(name: str, spec, **kwargs: Any) -> Suite:
+    """The suite ``name`` rendering what the policy ``spec`` reads: its camera names, at its image size."""
+    return get_suite(name, cameras=tuple(c.name for c in spec.cameras), image_size=spec.cameras[0].height, **kwargs)
+
+
+__all__ = ["Env", "Suite", "SUITES", "get_suite", "suite_for"]

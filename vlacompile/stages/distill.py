@@ -84,7 +84,7 @@ def check(params: Params, target, source: str = "recipe") -> None:
 
 def with_state_jitter(samples, copies: int, sigma, *, seed: int):
     """``samples`` followed by ``copies`` copies whose states carry Gaussian noise of std ``sigma``
-    (per dimension); images, instructions and recorded actions are shared with the original."""
+    (per dimension); each copy repeats the original's images, instructions and recorded actions."""
     import numpy as np
 
     rng = np.random.default_rng([seed, 0x57A7E])

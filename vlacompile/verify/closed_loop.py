@@ -20,13 +20,13 @@ def closed_loop(
     """-> (the report's ``closed_loop`` section, its gate). ``config`` is a recipe's ClosedLoopConfig."""
     from vlacompile.backends.onnxrt import OrtRunner
     from vlacompile.backends.torch_eager import TorchRunner
-    from vlacompile.sim import get_suite
+    from vlacompile.sim import suite_for
     from vlacompile.sim.rollout import compare, evaluate
     from vlacompile.targets import host_device_string
     from vlacompile.verify.gates import closed_loop_gate
 
     spec = teacher.spec
-    suite = get_suite(config.suite, cameras=tuple(c.name for c in spec.cameras), image_size=spec.cameras[0].height)
+    suite = suite_for(config.suite, spec)
     kwargs = dict(
         tasks=list(config.tasks) or None,
         episodes_per_task=config.episodes_per_task,
