@@ -11,6 +11,15 @@ Only MatMul/Gemm nodes whose second input is a constant weight are quantised unl
 asked for (static QDQ only): the activation x activation MatMuls of attention carried most of the
 INT8 error measured here (DESIGN.md). Nodes of excluded torch modules stay FP32.
 
+Weights for ONNX Runtime's CPU kernels are quantised with 7-bit range (``reduce_range``). On x86
+CPUs without VNNI (AVX2, AVX-512 before Cascade Lake), ORT's u8 x s8 kernels multiply-add pairs
+with ``vpmaddubsw``, which saturates at int16; with VNNI they do not. Full 8-bit weights therefore
+gave a different, larger error on some x86 CPUs than on others (the tiny teacher's NMSE vs FP32:
+~1e-5 here with VNNI, 3.4e-3 on a machine without it). With 7-bit weights no pair can saturate, so
+the graph computes the same on every x86 CPU (measured: a 256x256 MatMul gave relative error
+0.0168 both natively with VNNI and under ``qemu-x86_64 -cpu Haswell``, where full range gave 0.0116
+and 0.0218). TensorRT has no such kernel, so its symmetric QDQ keeps the full range.
+
 Never run this in a process that has run modelopt's ONNX quantiser: it patches ORT's quantiser
 (DESIGN.md). modelopt's torch quantiser (``vlacompile.quantizers.modelopt``) does not.
 """
@@ -98,6 +107,7 @@ def quantize_dynamic(src: Path, dst: Path, *, exclude: tuple[str, ...], per_chan
         out = Path(tmp) / "q.onnx"
         ort_quantize_dynamic(
             model, out, op_types_to_quantize=list(QUANTIZABLE), per_channel=per_channel, weight_type=QuantType.QInt8,
+            reduce_range=True,  # 7-bit weights: the same result on x86 CPUs with and without VNNI (module docstring)
             nodes_to_quantize=todo, use_external_data_format=_has_external_data(src),
             extra_options={"MatMulConstBOnly": True},
         )
@@ -154,6 +164,7 @@ def quantize_static(
         ort_quantize_static(
             model, out, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZABLE),
             per_channel=per_channel, weight_type=QuantType.QInt8,
+            reduce_range=not symmetric,  # ORT CPU kernels: no int16 saturation without VNNI (module docstring)
             # TensorRT needs zero-point 0 (symmetric int8); ORT CPU's fastest kernels take u8 activations.
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             nodes_to_quantize=todo, calibrate_method=CalibrationMethod.MinMax,
