@@ -37,7 +37,7 @@ from vlacompile.data import read_episodes  # noqa: E402
 from vlacompile.data.episodes import EpisodeSet  # noqa: E402
 from vlacompile.data.sampling import make_samples  # noqa: E402
 from vlacompile.families.reference import ReferenceConfig  # noqa: E402
-from vlacompile.tokenizer import ByteTokenizer  # noqa: E402
+from vlacompile.families.reference.processor import ByteTokenizer  # noqa: E402
 
 # Positions in Meta-World's state are in metres and some (a second object's pose in one-object
 # tasks) barely move; without a floor their normalised values would be noise blown up 1e4-fold.
@@ -81,8 +81,9 @@ def merge(sets: list[EpisodeSet]) -> EpisodeSet:
 
 
 def to_tensors(samples, tokenizer):
+    images = np.stack([samples.images[c].transpose(0, 3, 1, 2) for c in samples.camera_names], axis=1)
     return (
-        torch.from_numpy(samples.images),
+        torch.from_numpy(np.ascontiguousarray(images)),
         torch.from_numpy(samples.state),
         torch.from_numpy(tokenizer.encode_batch(samples.tasks)),
         torch.from_numpy(samples.actions),

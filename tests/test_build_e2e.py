@@ -18,9 +18,7 @@ name = "tiny"
 seed = 0
 [[stages]]
 stage = "distill"
-vision_layers = [0]
-backbone_layers = [1]
-expert_layers = [0, 1]
+layers = { vision = [0], backbone = [1], expert = [0, 1] }
 flow_steps = 1
 steps = 60
 batch_size = 16
@@ -42,7 +40,7 @@ TINY_GPU_RECIPE = """
 name = "tiny-gpu"
 [[stages]]
 stage = "distill"
-expert_layers = [0]
+layers = { expert = [0] }
 flow_steps = 2
 steps = 30
 batch_size = 16

@@ -23,7 +23,7 @@ TINY_RECIPE = {
     "name": "tiny-cache",
     "seed": 0,
     "stages": [
-        {"stage": "distill", "vision_layers": [0], "backbone_layers": [1], "expert_layers": [0, 1], "flow_steps": 1, "steps": 40, "batch_size": 16, "num_samples": 64},
+        {"stage": "distill", "layers": {"vision": [0], "backbone": [1], "expert": [0, 1]}, "flow_steps": 1, "steps": 40, "batch_size": 16, "num_samples": 64},
         {"stage": "export"},
         {"stage": "quantize", "precision": "int8"},
     ],
@@ -156,11 +156,17 @@ def _build(tmp: Path, ckpt: Path, eps: Path, out: str, cache: str | None, recipe
     return result, time.perf_counter() - t0, lines
 
 
+def _toml_value(v) -> str:
+    if isinstance(v, dict):  # an inline table
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
 def _to_toml(recipe: dict) -> str:
     lines = [f'name = "{recipe["name"]}"', f"seed = {recipe['seed']}"]
     for stage in recipe["stages"]:
         lines.append("[[stages]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in stage.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in stage.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -232,6 +238,37 @@ def test_manifest_records_inputs_and_cache_keys(builds, tiny_episodes_module):
     assert [k["stage"] for k in manifest["cache_keys"]] == ["distill", "export", "quantize"]
     assert [k["key"] for k in manifest["cache_keys"]] == [k["key"] for k in cold.report["cache"]["keys"]]
     assert {e.key for e in StageCache(builds["tmp"] / "cache-a").entries()} >= {k["key"] for k in manifest["cache_keys"]}
+
+
+def test_a_warm_rebuild_of_a_split_recipe_keeps_every_graph(tmp_path, tiny_checkpoint_module, tiny_episodes_module, monkeypatch):
+    """Two Thor builds on one cache: the second reuses every stage and still has system2/system1 and split.json."""
+    import vlacompile
+    from vlacompile.resources import TARGETS_DIR
+
+    monkeypatch.setattr("vlacompile.cache.code_hash", lambda: "pinned")
+    thor = tmp_path / "thor.toml"
+    thor.write_text((TARGETS_DIR / "jetson-thor.toml").read_text().replace("actions_per_chunk = 16", "actions_per_chunk = 8"))
+    recipe = {"name": "tiny-split", "seed": 0, "stages": [
+        {"stage": "distill", "layers": {"expert": [0]}, "flow_steps": 2, "steps": 5, "batch_size": 8, "num_samples": 32},
+        {"stage": "quantize", "precision": "int8", "calibration_samples": 8},
+        {"stage": "export", "split": True},
+    ]}
+    (tmp_path / "r.toml").write_text(_to_toml(recipe))
+
+    def build(out: str):
+        lines: list[str] = []
+        r = vlacompile.build(thor, checkpoint=tiny_checkpoint_module, episodes=tiny_episodes_module, recipe=tmp_path / "r.toml",
+                             out=tmp_path / out, calls=20, progress=False, log=lines.append, cache_dir=tmp_path / "cache")
+        return r, lines
+
+    (cold, _), (warm, log) = build("cold"), build("warm")
+    assert any("cache: reusing distill, quantize, export" in line for line in log)
+    graphs = ("student.onnx", "system2.onnx", "system1.onnx", "split.json")
+    for name in graphs:
+        assert (warm.out_dir / name).is_file(), name
+        assert _sha(warm.out_dir / name) == _sha(cold.out_dir / name), name
+    assert warm.report["latency"]["parts"]["flow_steps"] == 2  # per-part latency measured again
+    assert set(warm.report["tensorrt_readiness"]) == {"student.onnx", "system2.onnx", "system1.onnx"}
 
 
 def test_no_cache_writes_nothing(tmp_path, tiny_checkpoint_module, tiny_episodes_module, monkeypatch):

@@ -14,8 +14,8 @@ from vlacompile.checkpoint import new_policy
 from vlacompile.errors import CheckpointError
 from vlacompile.families import get_family
 from vlacompile.families.reference import FAMILY, ReferenceConfig, flops_per_call
-from vlacompile.policy import INPUT_NAMES, OUTPUT_NAMES
-from vlacompile.tokenizer import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from vlacompile.families.reference.processor import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from vlacompile.policy import OUTPUT_NAMES
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models; see conftest
 
@@ -217,7 +217,7 @@ def test_spec(tiny_policy, tiny_config):
         "tokens": (3, 32),
         "noise": (3, 8, 4),
     }
-    assert tuple(spec.input_shapes()) == INPUT_NAMES and OUTPUT_NAMES == ("actions",)
+    assert tuple(spec.input_shapes()) == spec.input_names == ("images", "state", "tokens", "noise") and OUTPUT_NAMES == ("actions",)
     assert (spec.chunk_size, spec.flow_steps, spec.family) == (8, 4, FAMILY)
     assert spec.action_std == tuple(float(v) for v in tiny_policy.module.action_std)
     ex = spec.example_inputs(batch=2)
@@ -286,7 +286,7 @@ def test_flops_linear_in_flow_steps(tiny_config):
         assert f["system1"] == pytest.approx(k * one["system1"])
         assert f["system1_per_step"] == one["system1_per_step"]
         assert f["system2"] == one["system2"]
-    assert get_family(FAMILY).flops_per_call is flops_per_call
+    assert get_family(FAMILY).flops(tiny_config) == flops_per_call(tiny_config)
 
 
 def test_flops_shrink_with_the_model(tiny_config):

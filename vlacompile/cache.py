@@ -10,8 +10,9 @@ stage's key changes, and with it every later key; the stages before it are reuse
 An entry is a directory ``<cache>/<key>/`` holding what the stage produced:
 
 * ``policy/`` (``config.json`` + ``model.safetensors``) when the output has a torch policy;
-* the ONNX file(s) (graph + external data) when the output is an exported graph;
-* ``artifact.json``: stage, precision, ONNX file names, ``quantized_torch``, the stage records so
+* every exported file when the output is an exported graph: the single graph (+ external data)
+  and, for split exports, ``system2.onnx``, ``system1.onnx`` and ``split.json`` (``Artifact.files``);
+* ``artifact.json``: stage, precision, exported file names, ``quantized_torch``, the stage records so
   far, and the sha256 of every file, checked on load.
 
 modelopt fake-quant torch outputs (``quantized_torch`` before export) are NOT cached: the quantisers'
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries hold every exported file (split graphs and split.json too)
 ENTRY_META = "artifact.json"
 POLICY_DIR = "policy"
 TMP_PREFIX = ".tmp-"
@@ -164,11 +165,12 @@ class StageCache:
         return meta
 
     def restore_onnx(self, key: str, workdir: Path) -> Path | None:
-        """Copy an entry's ONNX file(s) into ``workdir``; the graph's path, or None on a miss."""
+        """Copy an entry's exported files (single graph, split graphs, split.json) into ``workdir``;
+        the single graph's path, or None on a miss."""
         meta = self._verified(key)
         if meta is None or not meta.get("onnx"):
             return None
-        for name in meta["onnx_files"]:
+        for name in [*meta["onnx_files"], *meta.get("extra_files", [])]:
             shutil.copyfile(self._entry(key) / name, Path(workdir) / name)
         return Path(workdir) / meta["onnx"]
 
@@ -195,6 +197,7 @@ class StageCache:
             precision=meta["precision"],
             quantized_torch=bool(meta["quantized_torch"]),
             records=meta["records"],
+            extra_files=tuple(Path(workdir) / name for name in meta.get("extra_files", [])),
         )
 
     def put(self, key: str, stage: str, artifact) -> bool:
@@ -203,20 +206,20 @@ class StageCache:
             return False
 
         def fill(tmp: Path) -> dict:
-            _save_plain_policy(artifact.policy, tmp / POLICY_DIR)
-            onnx_files: list[str] = []
-            if artifact.onnx_path is not None:
-                from vlacompile.stages.export import onnx_files as graph_files
+            from vlacompile.artifact import onnx_files as graph_files
 
-                for p in graph_files(Path(artifact.onnx_path)):
-                    shutil.copyfile(p, tmp / p.name)
-                    onnx_files.append(p.name)
+            _save_plain_policy(artifact.policy, tmp / POLICY_DIR)
+            onnx_files = [p.name for p in graph_files(Path(artifact.onnx_path))] if artifact.onnx_path is not None else []
+            extra = [Path(p).name for p in artifact.extra_files]
+            for p in artifact.files:
+                shutil.copyfile(p, tmp / Path(p).name)
             return {
                 "precision": artifact.precision,
                 "quantized_torch": artifact.quantized_torch,
                 "policy": True,
                 "onnx": Path(artifact.onnx_path).name if artifact.onnx_path is not None else None,
                 "onnx_files": onnx_files,
+                "extra_files": extra,
                 "records": artifact.records,
             }
 
@@ -320,7 +323,7 @@ def _save_plain_policy(policy, directory: Path) -> None:
     plain = family.build(policy.config)
     state = policy.module.state_dict()
     plain.load_state_dict({k: state[k] for k in plain.state_dict()})
-    save_policy(Policy(module=plain, config=policy.config, spec=policy.spec, family=policy.family, meta={}), directory)
+    save_policy(Policy(module=plain, config=policy.config, spec=policy.spec, family=policy.family, meta=dict(policy.meta)), directory)
 
 
 def test_pause(point: str) -> None:

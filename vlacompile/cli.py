@@ -28,7 +28,9 @@ def main() -> None:
 
 @main.command()
 @click.option("--target", "-t", default="x86-cpu", show_default=True, help="Target profile name (see `vlacompile targets`) or path to a TOML file.")
-@click.option("--checkpoint", "-c", type=click.Path(path_type=Path), help="Teacher checkpoint directory (config.json + model.safetensors). Default: the shipped demo teacher.")
+@click.option("--checkpoint", "-c", type=click.Path(path_type=Path), help="Teacher checkpoint directory: vlacompile's own, or a policy saved by LeRobot (SmolVLA). Default: the shipped demo teacher.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="Local tokenizer directory for checkpoints that carry none (SmolVLA: the SmolVLM2 backbone directory). Default: the Hugging Face cache; never the network.")
+@click.option("--allow-unnormalized", is_flag=True, help="Build a LeRobot checkpoint whose normaliser stats miss some of its features (LeRobot passes those through unnormalised).")
 @click.option("--episodes", "-e", type=click.Path(path_type=Path), help="LeRobotDataset v3 episodes directory. Default: the shipped demo episodes.")
 @click.option("--recipe", "-r", help="Recipe name or TOML path. Default: the target's default recipe.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Output directory. Default: build/<target>.")
@@ -39,7 +41,8 @@ def main() -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VLACOMPILE_CACHE", help="Stage cache directory (env VLACOMPILE_CACHE). Default: ~/.cache/vlacompile.")
 @click.option("--no-cache", is_flag=True, help="Run every stage; neither read nor write the stage cache.")
 @click.option("--no-closed-loop", is_flag=True, help="Skip the recipe's closed-loop evaluation in a simulator (the report then has none).")
-def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, quiet, cache_dir, no_cache, no_closed_loop) -> None:
+def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, recipe, out, seed, calls, allow_pickle, quiet, cache_dir, no_cache,
+          no_closed_loop) -> None:
     """Distill, prune, quantise, export and verify a policy for TARGET; write build/<target>/."""
     from vlacompile.pipeline import build as run_build
     from vlacompile.report import summarize
@@ -48,6 +51,8 @@ def build(target, checkpoint, episodes, recipe, out, seed, calls, allow_pickle, 
         result = run_build(
             target,
             checkpoint=checkpoint,
+            tokenizer=tokenizer,
+            allow_unnormalized=allow_unnormalized,
             episodes=episodes,
             recipe=recipe,
             out=out,

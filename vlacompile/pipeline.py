@@ -29,11 +29,11 @@ from vlacompile.errors import (
     EpisodeError,
     OutputError,
 )
+from vlacompile.artifact import REPORT_FILES, STUDENT_DIR, STUDENT_SPEC_JSON
 from vlacompile.resources import DEMO_EPISODES, DEMO_TEACHER
 
 SCHEMA_VERSION = "1.0"
 EXIT_CODES = {"passed": EXIT_OK, "failed": EXIT_GATE_FAILED, "unverified": EXIT_UNVERIFIED}
-REPORT_FILES = ("report.json", "report.md", "report.html")
 
 
 @dataclass
@@ -124,7 +124,7 @@ def recover_output(out: Path, log: Callable[[str], None]) -> None:
 
 
 def check_episodes_match(es, spec, source: Path) -> None:
-    """The episodes must carry what the policy reads: its cameras, image size, state and action dims."""
+    """The episodes must carry what the policy reads: its cameras at their resolutions, state and action dims."""
     cams = [c.name for c in spec.cameras]
     missing = [c for c in cams if c not in es.camera_names]
     if missing:
@@ -133,13 +133,14 @@ def check_episodes_match(es, spec, source: Path) -> None:
             source=source,
             hint="record the episodes with the policy's cameras (feature observation.images.<camera>)",
         )
-    want = (spec.cameras[0].height, spec.cameras[0].width)
-    if tuple(es.image_shape) != want:
-        raise EpisodeError(
-            f"images are {es.image_shape[0]}x{es.image_shape[1]} but the policy takes {want[0]}x{want[1]}",
-            source=source,
-            hint="resize the episodes' images to the policy's resolution",
-        )
+    for cam in spec.cameras:
+        if tuple(es.image_shape) != (cam.height, cam.width):
+            raise EpisodeError(
+                f"images are {es.image_shape[0]}x{es.image_shape[1]} but the policy takes {cam.height}x{cam.width}"
+                + (f" from camera {cam.name!r}" if len(spec.cameras) > 1 else ""),
+                source=source,
+                hint="resize the episodes' images to the policy's resolution",
+            )
     for name, have, need in (("observation.state", es.state_dim, spec.state_dim), ("action", es.action_dim, spec.action_dim)):
         if have != need:
             raise EpisodeError(
@@ -174,10 +175,15 @@ def build(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     closed_loop: bool = True,
+    tokenizer: str | Path | None = None,
+    allow_unnormalized: bool = False,
 ) -> BuildResult:
     """Compile a VLA checkpoint for a target and verify it. See the README for the exit codes.
 
     ``closed_loop=False`` skips the recipe's closed-loop evaluation (the report then has none).
+    ``tokenizer``: a local tokenizer directory for checkpoints that do not carry one (SmolVLA: the
+    SmolVLM2 directory; default: the Hugging Face cache, never the network). ``allow_unnormalized``:
+    build a LeRobot checkpoint whose normaliser stats miss some features (see ``load_policy``).
 
     Stage outputs are cached under ``cache_dir`` (default ``$VLACOMPILE_CACHE`` or
     ``~/.cache/vlacompile``; see ``vlacompile.cache``) unless ``use_cache`` is False.
@@ -195,6 +201,7 @@ def build(
     if not closed_loop and rcp.closed_loop is not None:
         log(f"vlacompile: closed-loop evaluation in {rcp.closed_loop.suite} skipped (--no-closed-loop)")
         rcp = replace(rcp, closed_loop=None)
+    skipped_closed_loop = None
     out_dir = Path(out) if out is not None else Path("build") / tgt.name
     check_output_dir(out_dir)
 
@@ -202,7 +209,7 @@ def build(
     from vlacompile.data import read_episodes, split_episodes
 
     ckpt = (Path(checkpoint) if checkpoint is not None else DEMO_TEACHER).absolute()
-    teacher = load_policy(ckpt, allow_pickle=allow_pickle)
+    teacher = load_policy(ckpt, allow_pickle=allow_pickle, tokenizer=tokenizer, allow_unnormalized=allow_unnormalized)
     if tgt.budget.actions_per_chunk > teacher.spec.chunk_size:
         raise ConfigError(
             f"budget.actions_per_chunk={tgt.budget.actions_per_chunk} exceeds the policy's chunk size {teacher.spec.chunk_size}: "
@@ -213,6 +220,11 @@ def build(
     ep_dir = (Path(episodes) if episodes is not None else DEMO_EPISODES).absolute()
     es = read_episodes(ep_dir)
     check_episodes_match(es, teacher.spec, ep_dir)
+    if rcp.closed_loop is not None and rcp.closed_loop.families and teacher.family not in rcp.closed_loop.families:
+        skipped_closed_loop = (f"closed loop in {rcp.closed_loop.suite} skipped: {rcp.path or rcp.name} [closed_loop] is for "
+                               f"{list(rcp.closed_loop.families)} teachers, this one is {teacher.family}")
+        log(f"vlacompile: {skipped_closed_loop}")
+        rcp = replace(rcp, closed_loop=None)
     if rcp.closed_loop is not None:
         _check_closed_loop(rcp, teacher.spec)
     run_seed = rcp.seed if seed is None else seed
@@ -221,7 +233,7 @@ def build(
     cache = _open_cache(cache_dir, use_cache, log)
     log(
         f"vlacompile: target {tgt.name}, recipe {rcp.name}, teacher {ckpt} "
-        f"({teacher.num_parameters() / 1e6:.2f}M params, {teacher.spec.flow_steps} flow steps), "
+        f"({_family_label(teacher)}, {teacher.num_parameters() / 1e6:.2f}M params, {teacher.spec.flow_steps} flow steps), "
         f"episodes {ep_dir} ({len(train.episodes)} train / {len(calib.episodes)} calibration / {len(held_out.episodes)} held-out)"
     )
 
@@ -234,6 +246,8 @@ def build(
         try:
             report = _run_build(tgt, rcp, teacher, train, calib, held_out, tmp, run_seed, calls, progress, log, inputs, cache)
             report["teacher"].update({"checkpoint": str(ckpt)})
+            if skipped_closed_loop:
+                report["notes"].append(skipped_closed_loop)
             report["episodes"] = {"path": str(ep_dir), "train": len(train.episodes), "calibration": len(calib.episodes), "held_out": len(held_out.episodes)}
             report["seconds"] = round(time.perf_counter() - t_start, 1)
             from vlacompile.report import write_reports
@@ -246,6 +260,13 @@ def build(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return BuildResult(out_dir=out_dir, report=report)
+
+
+def _family_label(policy) -> str:
+    from vlacompile.families import get_family
+
+    info = get_family(policy.family).format_info(policy)
+    return f"{info['label']}, {info['format']}"
 
 
 def _check_closed_loop(rcp, spec) -> None:
@@ -274,9 +295,12 @@ def _build_inputs(teacher, ckpt: Path, ep_dir: Path, seed: int) -> dict[str, Any
     from vlacompile.cache import episodes_hash
 
     config = ckpt / "config.json"
+    # Besides its weights, what decides the teacher's function: config.json, and for LeRobot
+    # checkpoints the processor pipelines, their normaliser stats and the tokenizer.
+    definition = teacher.meta.get("definition_sha256", "").encode()
     return {
         "teacher_weights_sha256": teacher.meta.get("weights_sha256"),
-        "teacher_config": config.read_bytes() if config.is_file() else b"",
+        "teacher_config": (config.read_bytes() if config.is_file() else b"") + definition,
         "episodes_sha256": episodes_hash(ep_dir),
         "seed": seed,
     }
@@ -361,7 +385,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         artifact.records[-1]["reused"] = False
         if cache is not None:
             try:
-                stored = Artifact(artifact.policy, artifact.onnx_path, artifact.precision, artifact.quantized_torch, canonical)
+                stored = replace(artifact, records=canonical)
                 if not cache.put(keys[i], stage.name, stored):
                     log(f"cache: {stage.name} output is a modelopt fake-quant torch model; not cached (the export after it is)")
             except OSError as e:
@@ -370,7 +394,9 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
 
     student = artifact.policy
     if not artifact.quantized_torch:
-        save_policy(student, tmp / "student")
+        save_policy(student, tmp / STUDENT_DIR)
+    # What the compiled graphs read and write, for verify on the device and for runtimes.
+    (tmp / STUDENT_SPEC_JSON).write_text(json.dumps(student.spec.to_dict(), indent=2, sort_keys=True) + "\n")
     (tmp / "target.json").write_text(json.dumps(tgt.to_dict(), indent=2, sort_keys=True) + "\n")
     (tmp / "recipe.json").write_text(json.dumps(rcp.to_dict(), indent=2, sort_keys=True) + "\n")
 
@@ -388,7 +414,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         log=log,
         cache=cache,
     )
-    extra_gates, readiness = _post_verify_checks(tgt, rcp, teacher, student, artifact, result, tmp, calls, progress, log)
+    extra_gates, readiness = _post_verify_checks(tgt, rcp, teacher, student, artifact, result, tmp, calls, progress, log, held_out)
     if extra_gates:
         from vlacompile.verify.gates import verdict
 
@@ -403,6 +429,8 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         "inputs": {
             "teacher_weights_sha256": teacher.meta.get("weights_sha256"),
             "teacher": teacher.meta.get("source"),
+            **({"tokenizer": teacher.meta["tokenizer"]} if teacher.meta.get("tokenizer") else {}),
+            **({"allow_unnormalized": True} if teacher.meta.get("allow_unnormalized") else {}),
             "episodes_sha256": inputs["episodes_sha256"],
         },
         "cache_keys": [{"stage": s.name, "key": k} for s, k in zip(rcp.stages, keys)],
@@ -437,6 +465,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         "seed": seed,
         "teacher": {
             "family": teacher.family,
+            **{k: v for k, v in _format_info(teacher).items() if k != "family"},
             "params": teacher.num_parameters(),
             "flow_steps": teacher.spec.flow_steps,
             "weights_sha256": teacher.meta.get("weights_sha256"),
@@ -460,7 +489,14 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
     }
 
 
-def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp: Path, calls: int, progress: bool, log):
+def _format_info(policy) -> dict[str, Any]:
+    from vlacompile.families import get_family
+
+    return get_family(policy.family).format_info(policy)
+
+
+def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp: Path, calls: int, progress: bool, log,
+                        held_out=None):
     """Checks beside the accuracy/latency gates: closed-loop success (when the recipe configures a
     simulator), TensorRT readiness of every graph (TensorRT targets), per-part latency (split graphs).
     Adds sections to ``result`` and returns (extra gates, readiness report)."""
@@ -472,22 +508,27 @@ def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp:
         result["closed_loop"] = section
         gates.append(gate)
 
+    from vlacompile.artifact import SPLIT_JSON, read_split_manifest
     from vlacompile.stages.export import unsupported_domains
 
-    split_graphs = [tmp / "system2.onnx", tmp / "system1.onnx"]
-    if (tmp / "split.json").is_file() and any(unsupported_domains(g) for g in split_graphs):
+    has_split = (tmp / SPLIT_JSON).is_file()
+    split_graphs = [tmp / read_split_manifest(tmp)[p]["onnx"] for p in ("system2", "system1")] if has_split else []
+    if has_split and any(unsupported_domains(g) for g in split_graphs):
         result["notes"].append("per-part latency not measured here: the split graphs use TensorRT-only ops")
-    elif (tmp / "split.json").is_file():
+    elif has_split:
         from vlacompile.backends.split import time_parts
+        from vlacompile.quantizers import sample_inputs
 
-        parts = time_parts(tmp, calls=calls)  # labelled measured on this host by time_parts itself
+        batch = int(read_split_manifest(tmp)["batch_size"])
+        feeds = sample_inputs(student.spec, held_out, batch, seed=0) if held_out is not None else None
+        parts = time_parts(tmp, calls=calls, feeds=feeds)  # labelled measured on this host by time_parts itself
         result["latency"]["parts"] = {**parts, "note": "System 2 and one System 1 step timed alone with ONNX Runtime on this host"}
 
     readiness = None
     if tgt.device.runtime == "tensorrt":
         from vlacompile.trt.readiness import readiness_report
 
-        graphs = [artifact.onnx_path] + [tmp / n for n in ("system2.onnx", "system1.onnx") if (tmp / n).is_file()]
+        graphs = [artifact.onnx_path, *split_graphs]
         readiness = {p.name: readiness_report(p, tgt) for p in graphs}
         problems = [f"{name}: {pr['message']} ({', '.join(pr['nodes'][:5])})" for name, rep in readiness.items() for pr in rep["problems"]]
         log(f"tensorrt readiness ({tgt.device.tensorrt}): " + ("ready" if not problems else f"{len(problems)} problem(s)"))
@@ -571,7 +612,7 @@ def verify_artifact(
     tgt = parse_target({k: v for k, v in target_data.items() if k != "path"}, out / "target.json")
 
     ckpt = Path(checkpoint) if checkpoint is not None else Path(manifest["inputs"]["teacher"])
-    teacher = load_policy(ckpt)
+    teacher = load_policy(ckpt, tokenizer=manifest["inputs"].get("tokenizer"), allow_unnormalized=bool(manifest["inputs"].get("allow_unnormalized")))
     if teacher.meta["weights_sha256"] != manifest["inputs"]["teacher_weights_sha256"]:
         raise CheckpointError(
             "is not the teacher this artifact was built from (weights sha256 differs)",
@@ -586,8 +627,14 @@ def verify_artifact(
             hint="pass --episodes with the dataset used for the build: its held-out split is what verify runs on",
         )
     _, _, held_out = split_episodes(read_episodes(ep_dir), seed=manifest["seed"])
-    spec = dataclasses.replace(teacher.spec, flow_steps=report["student"]["flow_steps"])
-    student_dir = out / "student"
+    spec_path = out / STUDENT_SPEC_JSON
+    if spec_path.is_file():
+        from vlacompile.policy import PolicySpec
+
+        spec = PolicySpec.from_dict(json.loads(spec_path.read_text()))
+    else:  # artifacts built before student_spec.json: the teacher's spec with the student's flow steps
+        spec = dataclasses.replace(teacher.spec, flow_steps=report["student"]["flow_steps"], head=None)
+    student_dir = out / STUDENT_DIR
     student = load_policy(student_dir) if student_dir.is_dir() else None
     onnx_path = out / report["student"]["onnx"]
     runner, device = _student_runner_for(runtime, out, onnx_path, spec, tgt, log)

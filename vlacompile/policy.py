@@ -1,29 +1,59 @@
-"""The one data type that flows through every stage: a policy module and its spec.
+"""The one data type for "a policy and its spec": a torch module of some family and what it reads
+and writes. Stages pass it along inside an ``Artifact`` (``vlacompile.stages``).
 
-Every family's module has the canonical signature
+Every family's module is called with its named inputs, in the order ``spec.inputs`` lists them,
 
-    forward(images uint8 [B, n_cams, 3, H, W], state f32 [B, S], tokens i64 [B, L], noise f32 [B, chunk, A])
-        -> actions f32 [B, chunk, A]   (physical units)
+    module(*[feeds[name] for name in spec.input_names]) -> actions f32 [B, chunk, action_dim] (physical units)
 
-with pre-processing (image scaling, state normalisation) and post-processing (action
-un-normalisation) inside the graph, so an exported model is the whole policy. ``noise`` is the
-initial sample of the flow-matching integration: passing it in makes teacher and student
-comparable call by call and keeps exported graphs free of random ops.
+with pre-processing (image scaling and resizing, state normalisation and padding) and
+post-processing (action un-normalisation, unpadding) inside the graph, so an exported model is
+the whole policy. One input is always ``noise``, the initial sample of the flow-matching
+integration in the family's own shape (``spec.noise_shape``; SmolVLA pads actions to 32): passing
+it in makes teacher and student comparable call by call and keeps exported graphs free of random
+ops. What turns a robot observation into those inputs (tokenizer, image layout) is the family's
+``Preprocessor`` (``vlacompile.families``), described by ``spec.processor``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch loads only where a module runs, so specs and runners stay light
+    import numpy as np
     import torch
+
+# Roles of a policy input: what a preprocessor fills it from.
+ROLES = ("images", "image", "state", "tokens", "token_mask", "noise")
 
 
 @dataclass(frozen=True)
 class CameraSpec:
     name: str
-    height: int
+    height: int  # the resolution this camera's frames arrive at (each camera its own)
     width: int
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One named input of the policy graph."""
+
+    name: str
+    shape: tuple[int, ...]  # without the batch dimension
+    dtype: str  # numpy dtype name: uint8, float32, int64, bool
+    role: str  # one of ROLES
+    camera: str | None = None  # role "image": the camera it shows
+    low: int = 0  # integer inputs: the range example inputs are drawn from, [low, high)
+    high: int = 0
+
+
+@dataclass(frozen=True)
+class FlowHead:
+    """The action head: Euler integration of a velocity field from t_start to t_end in ``steps``."""
+
+    steps: int
+    t_start: float  # 0.0: noise at t=0, actions at t=1 (reference family); 1.0: the openpi/lerobot direction
+    t_end: float
+    noise_shape: tuple[int, int]  # (chunk, padded action dim): the family's own noise shape
 
 
 @dataclass(frozen=True)
@@ -38,36 +68,84 @@ class PolicySpec:
     control_hz: float  # the rate the demonstrations were recorded at
     action_mean: tuple[float, ...]
     action_std: tuple[float, ...]
-    # Which submodules are the slow "System 2" (once per chunk) and the fast "System 1" (K times).
+    # Which submodules (qualified names) are the slow "System 2" (once per chunk) and the fast "System 1" (K times).
     system2: tuple[str, ...] = ("vision", "backbone")
     system1: tuple[str, ...] = ("expert",)
+    inputs: tuple[InputSpec, ...] = ()  # empty: the reference family's four inputs (see reference_inputs)
+    head: FlowHead | None = None  # None: Euler from 0 to 1 in flow_steps, noise [chunk, action_dim]
+    processor: tuple[tuple[str, Any], ...] = ()  # the family preprocessor's settings (JSON-able items)
+    state_names: tuple[str, ...] | None = None
+    action_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            object.__setattr__(self, "inputs", reference_inputs(self))
+        if self.head is None:
+            object.__setattr__(self, "head", FlowHead(self.flow_steps, 0.0, 1.0, (self.chunk_size, self.action_dim)))
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
+
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        return tuple(self.head.noise_shape)
+
+    @property
+    def processor_settings(self) -> dict[str, Any]:
+        return dict(self.processor)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["processor"] = dict(self.processor)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PolicySpec":
+        d = dict(d)
+        d["cameras"] = tuple(CameraSpec(**c) for c in d["cameras"])
+        d["inputs"] = tuple(InputSpec(**{**i, "shape": tuple(i["shape"])}) for i in d.get("inputs", ()))
+        d["head"] = FlowHead(**{**d["head"], "noise_shape": tuple(d["head"]["noise_shape"])}) if d.get("head") else None
+        d["processor"] = tuple(sorted((d.get("processor") or {}).items()))
+        for k in ("action_mean", "action_std", "system2", "system1"):
+            d[k] = tuple(d[k])
+        for k in ("state_names", "action_names"):
+            d[k] = tuple(d[k]) if d.get(k) is not None else None
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def input_shapes(self, batch: int = 1) -> dict[str, tuple[int, ...]]:
-        cam = self.cameras[0]
-        return {
-            "images": (batch, len(self.cameras), 3, cam.height, cam.width),
-            "state": (batch, self.state_dim),
-            "tokens": (batch, self.max_tokens),
-            "noise": (batch, self.chunk_size, self.action_dim),
-        }
+        return {i.name: (batch, *i.shape) for i in self.inputs}
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, "torch.Tensor"]:
+        """Random inputs of the right shapes and dtypes (drawn in input order from one seeded generator)."""
         import torch
 
         g = torch.Generator().manual_seed(seed)
-        shapes = self.input_shapes(batch)
-        return {
-            "images": torch.randint(0, 256, shapes["images"], generator=g, dtype=torch.uint8),
-            "state": torch.randn(shapes["state"], generator=g),
-            "tokens": torch.randint(3, 200, shapes["tokens"], generator=g, dtype=torch.int64),
-            "noise": torch.randn(shapes["noise"], generator=g),
-        }
+        out = {}
+        for i in self.inputs:
+            shape = (batch, *i.shape)
+            if i.dtype == "uint8":
+                out[i.name] = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+            elif i.dtype == "int64":
+                out[i.name] = torch.randint(i.low, i.high, shape, generator=g, dtype=torch.int64)
+            elif i.dtype == "bool":
+                out[i.name] = torch.ones(shape, dtype=torch.bool)
+            else:
+                out[i.name] = torch.randn(shape, generator=g)
+        return out
 
 
-INPUT_NAMES = ("images", "state", "tokens", "noise")
+def reference_inputs(spec: PolicySpec) -> tuple[InputSpec, ...]:
+    """The reference family's layout: every camera stacked in one uint8 tensor (one resolution)."""
+    cam = spec.cameras[0]
+    return (
+        InputSpec("images", (len(spec.cameras), 3, cam.height, cam.width), "uint8", "images"),
+        InputSpec("state", (spec.state_dim,), "float32", "state"),
+        InputSpec("tokens", (spec.max_tokens,), "int64", "tokens", low=3, high=200),
+        InputSpec("noise", (spec.chunk_size, spec.action_dim), "float32", "noise"),
+    )
+
+
 OUTPUT_NAMES = ("actions",)
 
 
@@ -79,7 +157,7 @@ class Policy:
     config: Any
     spec: PolicySpec
     family: str
-    meta: dict[str, Any] = field(default_factory=dict)  # provenance: source path, sha256 of weights
+    meta: dict[str, Any] = field(default_factory=dict)  # provenance: source path, sha256 of weights, format read
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
@@ -87,8 +165,46 @@ class Policy:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
-    def __call__(self, images, state, tokens, noise) -> "torch.Tensor":
+    def __call__(self, *args, **named) -> "torch.Tensor":
+        """The module on its inputs (positional in ``spec.input_names`` order, or by name), without autograd."""
         import torch
 
+        if named:
+            args = (*args, *[named[n] for n in self.spec.input_names[len(args):]])
         with torch.no_grad():
-            return self.module(images, state, tokens, noise)
+            return self.module(*args)
+
+    def run_feeds(self, feeds: dict[str, Any]) -> "torch.Tensor":
+        """The module on a feed dict (numpy arrays or tensors, keyed by input name)."""
+        import numpy as np
+        import torch
+
+        args = [feeds[n] if isinstance(feeds[n], torch.Tensor) else torch.from_numpy(np.ascontiguousarray(feeds[n]))
+                for n in self.spec.input_names]
+        return self(*args)
+
+    def predict_chunk(self, observation: dict[str, Any], noise: "np.ndarray | None" = None) -> "np.ndarray":
+        """One observation in LeRobot's batch keys -> the action chunk [chunk, action_dim] in physical units.
+
+        ``observation``: ``observation.images.<camera>`` as float [3, H, W] in [0, 1] or uint8
+        [H, W, 3], ``observation.state``, and ``task`` (the instruction). ``noise``: the initial
+        flow sample in the family's own shape ``spec.noise_shape`` (drawn from N(0, 1) when None).
+        """
+        import numpy as np
+
+        from vlacompile.families import make_preprocessor
+        from vlacompile.observation import from_lerobot
+
+        obs = from_lerobot(observation, self.spec)
+        if noise is None:
+            noise = np.random.default_rng().standard_normal(self.spec.noise_shape, dtype=np.float32)
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape != self.spec.noise_shape:
+            from vlacompile.errors import ConfigError
+
+            raise ConfigError(
+                f"noise has shape {noise.shape}, the {self.family} policy takes {self.spec.noise_shape}",
+                source="noise", hint="pass noise of shape spec.noise_shape (chunk, padded action dim), or None",
+            )
+        feeds = make_preprocessor(self.spec)(obs, noise)
+        return self.run_feeds(feeds)[0].numpy()

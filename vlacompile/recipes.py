@@ -37,6 +37,9 @@ class ClosedLoopConfig:
     tasks: tuple[str, ...] = ()  # empty: every task of the suite
     max_success_drop: float = 0.05  # gate: student success rate may trail the teacher's by at most this
     seed: int = 1000  # evaluation seeds, apart from the training/split seed: held-out initial states
+    # Teacher families the suite is for (empty: every family); a build of another family's teacher
+    # skips the closed loop and says so (the demo's Meta-World suite is no test of a user's SmolVLA).
+    families: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,8 +43,19 @@ class MatchSettings:
 
 
 def model_inputs(policy: Policy, samples) -> dict[str, torch.Tensor]:
-    """Samples -> the module's image, state and token tensors (noise is separate)."""
-    return {k: torch.from_numpy(v) for k, v in samples.model_inputs(policy.spec).items()}
+    """Samples -> the module's inputs other than the noise, through the family's preprocessor."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in samples.model_inputs(policy.spec).items()}
+
+
+def noise_input(spec) -> str:
+    """The name of the policy input that takes the flow's initial noise."""
+    return next(i.name for i in spec.inputs if i.role == "noise")
+
+
+def call(module: nn.Module, spec, inputs: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+    """``module`` on its inputs in ``spec`` order, with ``noise`` in the noise input's place."""
+    name = noise_input(spec)
+    return module(*[noise if n == name else inputs[n] for n in spec.input_names])
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -54,8 +66,8 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 class Targets:
     """The teacher's outputs for pairs j = sample * noises_per_sample + r."""
 
-    inputs: dict[str, torch.Tensor]  # per sample: images, state, tokens
-    noise: torch.Tensor  # [N, R, chunk, A]
+    inputs: dict[str, torch.Tensor]  # per sample: every policy input but the noise
+    noise: torch.Tensor  # [N, R, *spec.noise_shape]
     actions: torch.Tensor  # [N, R, chunk, A] physical units
     features: torch.Tensor | None = None  # [N, prefix tokens, width] backbone output
     feature_mask: torch.Tensor | None = None  # [N, prefix tokens] True where a token is not padding
@@ -65,21 +77,35 @@ class Targets:
         return self.noise.shape[0] * self.noise.shape[1]
 
 
-class _CaptureBackbone:
-    """Forward hook keeping the latest backbone output: (features [B,n,w], key padding [B,1,1,n])."""
+class _CaptureFeatures:
+    """Forward hook on the family's feature tap, keeping the latest (features [B, n, w], valid [B, n])."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, tap):
+        self.tap = tap
         self.output: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.handle = module.backbone.register_forward_hook(self._hook)
+        self.handle = module.get_submodule(tap.module).register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
-        self.output = output
+        self.output = self.tap.extract(output)
 
     def valid(self) -> torch.Tensor:
-        return self.output[1][:, 0, 0, :] == 0
+        return self.output[1]
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+def feature_tap(policy: Policy):
+    """The family's feature tap for ``policy``, or a ConfigError when it has none."""
+    from vlacompile.families import get_family
+
+    tap = get_family(policy.family).feature_tap(policy.module)
+    if tap is None:
+        raise ConfigError(
+            f"distill.feature_loss_weight > 0, but the {policy.family} family has no feature tap",
+            source="recipe stage distill", hint="set feature_loss_weight = 0 for this teacher",
+        )
+    return tap
 
 
 def _gather_rows(accelerator, local: torch.Tensor, per: int, total: int) -> torch.Tensor:
@@ -109,7 +135,7 @@ def teacher_targets(
     spec = teacher.spec
     inputs = model_inputs(teacher, samples)
     n, r = len(samples), noises_per_sample
-    noise = seeded_noise((n, r, spec.chunk_size, spec.action_dim), seed)
+    noise = seeded_noise((n, r, *spec.noise_shape), seed)
     procs = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     device = accelerator.device if accelerator is not None else torch.device("cpu")
@@ -120,16 +146,17 @@ def teacher_targets(
     home = next(module.parameters()).device
     was_training = module.training
     module.to(device).eval()
-    capture = _CaptureBackbone(module) if features else None
+    tap = feature_tap(teacher) if features else None
+    capture = _CaptureFeatures(module, tap) if features else None
     actions, feats, masks = [], [], []
     try:
         with torch.inference_mode():
             for s in tqdm(range(lo, hi, batch_size), desc="teacher targets", disable=not progress, mininterval=1.0):
                 b = slice(s, min(s + batch_size, hi))
-                x = [inputs[k][b].to(device) for k in ("images", "state", "tokens")]
+                x = {k: v[b].to(device) for k, v in inputs.items()}
                 outs = []
                 for k in range(r):
-                    outs.append(module(*x, noise[b, k].to(device)).cpu())
+                    outs.append(call(module, spec, x, noise[b, k].to(device)).cpu())
                     if capture is not None and k == 0:
                         feats.append(capture.output[0].cpu())
                         masks.append(capture.valid().cpu())
@@ -146,19 +173,18 @@ def teacher_targets(
 
     out = Targets(inputs=inputs, noise=noise, actions=rows(actions, (r, spec.chunk_size, spec.action_dim)))
     if features:
-        width = module.backbone.norm.normalized_shape[0]
-        n_prefix = module.backbone.causal.shape[0]
-        out.features = rows(feats, (n_prefix, width))
+        out.features = rows(feats, (tap.tokens, tap.width))
         # Gathered as float: not every backend can all-gather booleans.
-        out.feature_mask = rows([m.float() for m in masks], (n_prefix,)) > 0.5
+        out.feature_mask = rows([m.float() for m in masks], (tap.tokens,)) > 0.5
     return out
 
 
 class _PairDataset(torch.utils.data.Dataset):
     """(observation, noise, teacher actions[, teacher features]) by pair index; fetched a batch at a time."""
 
-    def __init__(self, targets: Targets):
+    def __init__(self, targets: Targets, noise_name: str):
         self.t = targets
+        self.noise_name = noise_name
         self.r = targets.noise.shape[1]
         self.noise = targets.noise.flatten(0, 1)
         self.actions = targets.actions.flatten(0, 1)
@@ -170,7 +196,7 @@ class _PairDataset(torch.utils.data.Dataset):
         j = torch.as_tensor(idx, dtype=torch.long)
         s = j // self.r
         batch = {k: v[s] for k, v in self.t.inputs.items()}
-        batch["noise"] = self.noise[j]
+        batch[self.noise_name] = self.noise[j]
         batch["target"] = self.actions[j]
         if self.t.features is not None:
             batch["features"] = self.t.features[s]
@@ -206,15 +232,17 @@ class _EpochSampler(torch.utils.data.Sampler[int]):
 class _MatchObjective(nn.Module):
     """Wraps the student so that one forward returns the loss (what DDP/FSDP need to wrap)."""
 
-    def __init__(self, student: nn.Module, action_std: torch.Tensor, feature_loss_weight: float):
+    def __init__(self, student: Policy, module: nn.Module, action_std: torch.Tensor, feature_loss_weight: float):
         super().__init__()
-        self.student = student
+        self.student = module
+        self.spec = student.spec
         self.feature_loss_weight = feature_loss_weight
         self.register_buffer("inv_std", 1.0 / action_std.detach().clone(), persistent=False)
-        self.capture = _CaptureBackbone(student) if feature_loss_weight > 0 else None
+        self.capture = _CaptureFeatures(module, feature_tap(student)) if feature_loss_weight > 0 else None
 
-    def forward(self, images, state, tokens, noise, target, features=None, feature_mask=None) -> torch.Tensor:
-        actions = self.student(images, state, tokens, noise)
+    def forward(self, target, features=None, feature_mask=None, **inputs) -> torch.Tensor:
+        name = noise_input(self.spec)
+        actions = call(self.student, self.spec, inputs, inputs[name])
         loss = (((actions - target) * self.inv_std) ** 2).mean()
         if self.capture is not None:
             # Per-sample mean over real (non-padding) tokens, so a split batch averages the same way.
@@ -276,7 +304,10 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         ctx.log(f"{name}: teacher targets for {targets.num_pairs} (observation, noise) pairs in {target_seconds:.1f} s")
 
     # Train a copy: wrappers (DDP, FSDP) may rewrite the module they are given.
-    objective = _MatchObjective(copy.deepcopy(student.module), teacher.module.action_std, settings.feature_loss_weight)
+    from vlacompile.families import get_family
+
+    action_std = get_family(teacher.family).action_scale(teacher)
+    objective = _MatchObjective(student, copy.deepcopy(student.module), action_std, settings.feature_loss_weight)
     objective.train()
     optimizer = torch.optim.AdamW(_param_groups(objective.student, settings.weight_decay), lr=settings.lr, foreach=True)
     warmup = max(1, round(settings.warmup_fraction * settings.steps))
@@ -288,7 +319,7 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     loader = torch.utils.data.DataLoader(
-        _PairDataset(targets),
+        _PairDataset(targets, noise_input(student.spec)),
         batch_size=settings.batch_size,
         sampler=_EpochSampler(targets.num_pairs, settings.steps * settings.batch_size, ctx.seed),
         drop_last=True,

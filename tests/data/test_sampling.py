@@ -18,7 +18,8 @@ def test_make_samples_shapes_and_layout(es):
     s = make_samples(es, chunk_size=4, stride=5)
     n = 18 * 4  # frames 0, 5, 10, 15 of every episode
     assert len(s) == n
-    assert s.images.shape == (n, 2, 3, 16, 16) and s.images.dtype == np.uint8
+    assert list(s.images) == ["front", "side"]
+    assert all(v.shape == (n, 16, 16, 3) and v.dtype == np.uint8 for v in s.images.values())
     assert s.state.shape == (n, 6) and s.state.dtype == np.float32
     assert s.actions.shape == (n, 4, 4) and s.actions.dtype == np.float32
     assert s.episode_index.dtype == np.int64 and s.frame_index.dtype == np.int64
@@ -26,9 +27,9 @@ def test_make_samples_shapes_and_layout(es):
     row = 6  # episode 1, frame 10
     ep = es.episodes[1]
     assert (s.episode_index[row], s.frame_index[row], s.tasks[row]) == (1, 10, ep.task)
-    # Channels first, cameras in camera_names order.
-    np.testing.assert_array_equal(s.images[row, 0], ep.images["front"][10].transpose(2, 0, 1))
-    np.testing.assert_array_equal(s.images[row, 1], ep.images["side"][10].transpose(2, 0, 1))
+    # Per camera, as a camera driver delivers frames (H, W, 3).
+    np.testing.assert_array_equal(s.images["front"][row], ep.images["front"][10])
+    np.testing.assert_array_equal(s.images["side"][row], ep.images["side"][10])
     np.testing.assert_array_equal(s.state[row], ep.state[10])
     np.testing.assert_array_equal(s.actions[row], ep.action[10:14])
 
@@ -59,7 +60,7 @@ def test_select(es):
     picked = s.select([3, 0])
     assert picked.episode_index.tolist() == [s.episode_index[3], s.episode_index[0]]
     assert picked.tasks == [s.tasks[3], s.tasks[0]]
-    np.testing.assert_array_equal(picked.images[0], s.images[3])
+    np.testing.assert_array_equal(picked.images["side"][0], s.images["side"][3])
     masked = s.select(s.frame_index == 10)
     assert len(masked) == 18 and (masked.frame_index == 10).all()
     assert len(s.select(slice(0, 5))) == 5
@@ -82,7 +83,8 @@ def test_draw_stratified_covers_tasks_and_spreads_over_time(es):
     # Observations and chunks match make_samples for the same frames.
     ref = make_samples(es, chunk_size=4, frames=pairs[:5])
     np.testing.assert_array_equal(ref.actions, s.actions[:5])
-    np.testing.assert_array_equal(ref.images, s.images[:5])
+    for cam in ref.images:
+        np.testing.assert_array_equal(ref.images[cam], s.images[cam][:5])
 
 
 def test_draw_stratified_is_deterministic(es):
@@ -120,17 +122,18 @@ def test_model_inputs_follow_the_policys_camera_order_not_the_episodes():
     samples = make_samples(es, chunk_size=4)
     assert samples.camera_names == ("wrist", "front")
     spec = PolicySpec(
-        family="x", cameras=(CameraSpec("front", 32, 32), CameraSpec("wrist", 32, 32)), state_dim=es.state_dim,
+        family="vlacompile-reference", cameras=(CameraSpec("front", 32, 32), CameraSpec("wrist", 32, 32)), state_dim=es.state_dim,
         action_dim=es.action_dim, chunk_size=4, flow_steps=1, max_tokens=16, control_hz=10.0,
         action_mean=(0.0,) * es.action_dim, action_std=(1.0,) * es.action_dim,
     )
     inputs = samples.model_inputs(spec)
-    np.testing.assert_array_equal(inputs["images"][:, 0], samples.images[:, 1])  # front
-    np.testing.assert_array_equal(inputs["images"][:, 1], samples.images[:, 0])  # wrist
+    # The reference family stacks cameras in the policy's order, channels first.
+    np.testing.assert_array_equal(inputs["images"][:, 0], samples.images["front"].transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(inputs["images"][:, 1], samples.images["wrist"].transpose(0, 3, 1, 2))
     assert inputs["tokens"].shape == (len(samples), 16)
     # A subset keeps the camera order it came with.
     assert samples.select([0, 1]).camera_names == ("wrist", "front")
 
-    spec_missing = PolicySpec(**{**spec.__dict__, "cameras": (CameraSpec("top", 32, 32),)})
+    spec_missing = PolicySpec(**{**spec.__dict__, "cameras": (CameraSpec("top", 32, 32),), "inputs": ()})
     with pytest.raises(EpisodeError, match="top"):
         samples.model_inputs(spec_missing)

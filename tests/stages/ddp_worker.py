@@ -89,7 +89,7 @@ def worker_params(steps: int):
     from vlacompile.stages import distill
 
     return distill.Params(
-        vision_layers=(1,), backbone_layers=(0,), expert_layers=(0, 1), mlp_ratio=0.75, flow_steps=1,
+        layers={"vision": (1,), "backbone": (0,), "expert": (0, 1)}, mlp_ratio=0.75, flow_steps=1,
         steps=steps, batch_size=16, num_samples=96, noises_per_sample=2, feature_loss_weight=0.1,
     )
 

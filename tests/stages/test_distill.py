@@ -48,7 +48,7 @@ def actions(policy, x) -> torch.Tensor:
         return policy(**x)
 
 
-SMALL = distill.Params(vision_layers=(1,), backbone_layers=(1,), expert_layers=(1,), flow_steps=1, steps=150, num_samples=256)
+SMALL = distill.Params(layers={"vision": (1,), "backbone": (1,), "expert": (1,)}, flow_steps=1, steps=150, num_samples=256)
 
 
 def test_distilled_student_matches_teacher_better_than_untrained(teacher, episodes):
@@ -79,7 +79,7 @@ def test_distilled_student_matches_teacher_better_than_untrained(teacher, episod
 
 
 def test_untrained_student_copies_the_selected_teacher_layers(teacher, episodes):
-    p = distill.Params(vision_layers=(1,), backbone_layers=(0,), expert_layers=(0, 1), steps=0)
+    p = distill.Params(layers={"vision": (1,), "backbone": (0,), "expert": (0, 1)}, steps=0)
     student = distill.run(Artifact(policy=teacher), p, make_ctx(teacher, episodes)).policy
     s, t = student.module.state_dict(), teacher.module.state_dict()
     assert torch.equal(s["vision.blocks.0.attn.qkv.weight"], t["vision.blocks.1.attn.qkv.weight"])
@@ -122,7 +122,7 @@ def test_mlp_ratio_keeps_the_most_important_channels(teacher, episodes):
 
 def test_feature_loss_adds_the_prefix_feature_error(teacher, episodes):
     # A student with one backbone layer has different prefix features: the weighted term shows in the loss.
-    p = distill.Params(backbone_layers=(0,), steps=2, num_samples=32, lr=1e-9)
+    p = distill.Params(layers={"backbone": (0,)}, steps=2, num_samples=32, lr=1e-9)
     plain = distill.run(Artifact(policy=teacher), p, make_ctx(teacher, episodes)).records[-1]["initial_loss"]
     with_features = distill.run(Artifact(policy=teacher), replace(p, feature_loss_weight=1.0), make_ctx(teacher, episodes)).records[-1]["initial_loss"]
     assert with_features > plain + 1e-3
@@ -138,19 +138,21 @@ def test_student_saves_and_loads(teacher, episodes, tmp_path):
 
 
 def test_layer_index_out_of_range_names_the_param_and_the_depth(teacher, episodes):
-    p = distill.Params(expert_layers=(0, 5), steps=0)
+    p = distill.Params(layers={"expert": (0, 5)}, steps=0)
     distill.check(p, None)  # legal in itself: the teacher's depth is known only at run time
     with pytest.raises(ConfigError) as e:
         distill.run(Artifact(policy=teacher), p, make_ctx(teacher, episodes))
-    assert "expert_layers" in str(e.value) and "2 expert layers" in str(e.value)
+    assert "distill.layers.expert" in str(e.value) and "2 expert layers" in str(e.value)
 
 
 @pytest.mark.parametrize(
     "change, key",
     [
-        (dict(vision_layers=(1, 0)), "vision_layers"),
-        (dict(backbone_layers=()), "backbone_layers"),
-        (dict(expert_layers=(-1,)), "expert_layers"),
+        (dict(layers={"vision": (1, 0)}), "layers.vision"),
+        (dict(layers={"backbone": ()}), "layers.backbone"),
+        (dict(layers={"expert": (-1,)}), "layers.expert"),
+        (dict(layers={"expert": 1.5}), "layers.expert"),
+        (dict(per_family={"vlacompile-reference": {"steps": 3}}), "per_family"),
         (dict(mlp_ratio=0.0), "mlp_ratio"),
         (dict(mlp_ratio=1.5), "mlp_ratio"),
         (dict(flow_steps=0), "flow_steps"),
@@ -181,7 +183,8 @@ def test_state_jitter_copies_keep_the_originals_and_move_only_the_state(episodes
     np.testing.assert_array_equal(samples.state, before)  # the caller's samples are not modified
     np.testing.assert_array_equal(out.state[:n], before)
     for k in range(1, 4):
-        np.testing.assert_array_equal(out.images[k * n : (k + 1) * n], samples.images)
+        for cam in samples.images:
+            np.testing.assert_array_equal(out.images[cam][k * n : (k + 1) * n], samples.images[cam])
         assert out.tasks[k * n : (k + 1) * n] == samples.tasks
     moved = (out.state[n:] - np.tile(before, (3, 1))) / sigma
     # The noise is standard normal in units of sigma, per dimension, and deterministic under the seed.
@@ -200,7 +203,7 @@ def test_state_jitter_distillation_trains_on_the_jittered_observations(teacher, 
 def test_train_to_match_is_usable_on_its_own(teacher, episodes):
     from vlacompile.data import draw_stratified
 
-    student = distill.init_student(teacher, distill.Params(expert_layers=(1,), flow_steps=2), make_ctx(teacher, episodes))
+    student = distill.init_student(teacher, distill.Params(layers={"expert": (1,)}, flow_steps=2), make_ctx(teacher, episodes))
     samples = draw_stratified(episodes[0], 64, chunk_size=teacher.spec.chunk_size, seed=0)
     out = train_to_match(student, teacher, samples, MatchSettings(steps=30, batch_size=16), make_ctx(teacher, episodes))
     assert out["final_loss"] < out["initial_loss"] and out["processes"] == 1

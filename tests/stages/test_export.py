@@ -10,7 +10,6 @@ from conftest import make_tiny_policy
 from vlacompile.backends.onnxrt import OrtRunner
 from vlacompile.backends.torch_eager import TorchRunner
 from vlacompile.errors import ConfigError
-from vlacompile.policy import INPUT_NAMES
 from vlacompile.quantizers import node_module, sample_inputs
 from vlacompile.stages import Artifact, BuildContext
 from vlacompile.stages import export as export_stage
@@ -48,7 +47,7 @@ def test_exported_graph_runs_in_ort_like_torch(exported, policy, inputs):
     assert path.name == "student.onnx" and path.is_file()
     onnx.checker.check_model(str(path))
     graph = onnx.load(str(path)).graph
-    assert [i.name for i in graph.input] == list(INPUT_NAMES) and [o.name for o in graph.output] == ["actions"]
+    assert [i.name for i in graph.input] == ["images", "state", "tokens", "noise"] and [o.name for o in graph.output] == ["actions"]
     want = policy.spec.input_shapes(1)
     for i in graph.input:  # static shapes, batch 1
         assert tuple(d.dim_value for d in i.type.tensor_type.shape.dim) == want[i.name]

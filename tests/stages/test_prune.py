@@ -12,6 +12,7 @@ from ddp_worker import nmse, probe_inputs, tiny_episodes, tiny_teacher
 from vlacompile.checkpoint import load_policy, save_policy
 from vlacompile.data import draw_stratified
 from vlacompile.errors import ConfigError
+from vlacompile.families import get_family
 from vlacompile.stages import Artifact, BuildContext, prune
 
 
@@ -89,7 +90,7 @@ def _mask_like_plan(teacher, plan_keep, layers) -> torch.nn.Module:
     m = copy.deepcopy(teacher.module)
     with torch.no_grad():
         for (part, i), keep in plan_keep.items():
-            blk = prune.blocks_of(m, part)[layers[part][i]]
+            blk = getattr(m, part).blocks[layers[part][i]]  # the reference family's layout
             for name, attn in (("attn", blk.attn), ("cross", blk.cross)):
                 if name in keep:
                     gone = sorted(set(range(attn.num_heads)) - set(keep[name].tolist()))
@@ -103,8 +104,8 @@ def _mask_like_plan(teacher, plan_keep, layers) -> torch.nn.Module:
 
 def test_slicing_equals_zeroing_the_removed_heads_and_channels(teacher, importance, episodes):
     """Checks the [3, heads, head_dim] / [2, heads, head_dim] layouts of qkv and kv are sliced right."""
-    cfg, layers, keep = prune.plan(teacher.config, importance, HALF)
-    pruned = prune.restructure(teacher, cfg, layers=layers, keep=keep)
+    cfg, layers, keep = prune.plan(teacher, importance, HALF)
+    pruned = get_family(teacher.family).restructure(teacher, cfg, layers=layers, keep=keep)
     masked = _mask_like_plan(teacher, keep, layers)
     x = probe_inputs(teacher, episodes[2], n=8)
     with torch.inference_mode():
@@ -129,7 +130,7 @@ def test_importance_ranks(teacher, importance, episodes, kind):
                 if (part, i) in importance.cross_heads:
                     ks = importance.cross_heads[(part, i)]
                     keep[(part, i)]["cross"] = prune.top_k(ks if least else -ks, k)
-        layers = {p: list(range(len(prune.blocks_of(teacher.module, p)))) for p in prune.PARTS}
+        layers = {p: list(range(d)) for p, d in get_family(teacher.family).depths(teacher.config).items()}
         m = _mask_like_plan(teacher, keep, layers)
         with torch.inference_mode():
             return nmse(m(**x), ref)
@@ -169,9 +170,10 @@ def test_pruned_model_exports_to_onnx_and_matches_torch(teacher, episodes, tmp_p
     import numpy as np
     import onnxruntime as ort
 
-    from vlacompile.policy import INPUT_NAMES, OUTPUT_NAMES
+    from vlacompile.policy import OUTPUT_NAMES
 
     pruned = prune.run(Artifact(policy=teacher), replace(HALF, drop_layers=1), make_ctx(teacher, episodes)).policy
+    INPUT_NAMES = pruned.spec.input_names
     x = probe_inputs(teacher, episodes[2], n=2)
     path = tmp_path / "pruned.onnx"
     args = tuple(x[k] for k in INPUT_NAMES)

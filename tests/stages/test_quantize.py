@@ -19,7 +19,8 @@ from vlacompile.stages import Artifact, BuildContext
 from vlacompile.stages import export as export_stage
 from vlacompile.stages import quantize as quantize_stage
 from vlacompile.stages.export import ExportError
-from vlacompile.stages.quantize import DEFAULT_EXCLUDE, Params
+from vlacompile.families.reference.family import DEFAULT_QUANT_EXCLUDE as DEFAULT_EXCLUDE
+from vlacompile.stages.quantize import Params
 from vlacompile.targets import load_target
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -62,9 +62,15 @@ def test_split_graphs_have_the_documented_static_interface(exported, policy):
         "velocity": (1, cfg.chunk_size, cfg.action_dim),
     }
     meta = json.loads((workdir / "split.json").read_text())
-    assert meta["flow_steps"] == spec.flow_steps and meta["batch_size"] == 1
-    np.testing.assert_array_equal(np.float32(meta["action_std"]), policy.module.action_std.numpy())
-    np.testing.assert_array_equal(np.float32(meta["state_mean"]), policy.module.state_mean.numpy())
+    assert meta["flow_steps"] == spec.flow_steps and meta["batch_size"] == 1 and meta["format"] == 2
+    # The glue is data: standardise the state, Euler from t=0 (x += v / K), un-standardise the actions.
+    (derived,) = meta["derived"]
+    assert (derived["input"], derived["output"]) == ("state", "state_n")
+    np.testing.assert_array_equal(np.float32(derived["ops"][0]["value"]), policy.module.state_mean.numpy())
+    integ = meta["integrator"]
+    assert integ["times"] == [i / spec.flow_steps for i in range(spec.flow_steps)] and integ["update"] == {"op": "div", "value": spec.flow_steps}
+    assert meta["post"][0]["op"] == "mul"
+    np.testing.assert_array_equal(np.float32(meta["post"][0]["value"]), policy.module.action_std.numpy())
     rec = exported.records[-1]["split"]
     assert rec["compared_against"] == "torch fp32" and rec["max_abs_diff"] < 1e-5
     assert set(rec["files"]) == {"system2.onnx", "system1.onnx", "split.json"}

@@ -150,7 +150,9 @@ TINY = dict(
 def _export(policy, path):
     import torch
 
-    from vlacompile.policy import INPUT_NAMES, OUTPUT_NAMES
+    from vlacompile.policy import OUTPUT_NAMES
+
+    INPUT_NAMES = policy.spec.input_names
 
     ex = policy.spec.example_inputs(1)
     torch.onnx.export(

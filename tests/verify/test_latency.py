@@ -114,7 +114,7 @@ def _identity_model(path):
 
     from vlacompile.policy import CameraSpec, PolicySpec
 
-    spec = PolicySpec(family="x", cameras=(CameraSpec("front", 4, 4),), state_dim=2, action_dim=2, chunk_size=3,
+    spec = PolicySpec(family="vlacompile-reference", cameras=(CameraSpec("front", 4, 4),), state_dim=2, action_dim=2, chunk_size=3,
                       flow_steps=1, max_tokens=4, control_hz=10.0, action_mean=(0.0, 0.0), action_std=(1.0, 1.0))
     graph = helper.make_graph(
         [helper.make_node("Identity", ["noise"], ["actions"])], "g",

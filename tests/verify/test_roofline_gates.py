@@ -104,7 +104,7 @@ def test_policy_weight_bytes_counts_the_parts():
     count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
     assert w["system2"] == 4 * (count(p.module.vision) + count(p.module.backbone))
     assert w["system1"] == 4 * count(p.module.expert)
-    r = estimate(get_family(p.family).flops_per_call(cfg), w, _target(), "fp16")
+    r = estimate(get_family(p.family).flops(cfg), w, _target(), "fp16")
     assert r["system1"]["steps"] == 3
     assert r["system1"]["weight_bytes"] == w["system1"] / 2
 

@@ -1,60 +1,50 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TypedDict
+from typing import Callable
 
 import numpy as np
 
+from vlacompile.observation import Observation
 from vlacompile.policy import PolicySpec
-from vlacompile.tokenizer import ByteTokenizer
 
 
-class Observation(TypedDict):
-    images: dict[str, np.ndarray]  # camera name -> uint8 [H, W, 3], as a camera driver delivers it
-    state: np.ndarray  # float32 [state_dim], physical units
-    task: str  # the language instruction
+def feed_rows(feeds: dict[str, np.ndarray]) -> int:
+    """The batch size of a feed dict (every input is batch first)."""
+    return int(len(next(iter(feeds.values()))))
 
 
-class Preprocessor:
-    """Observation -> model inputs (batch of one). Part of every timed get_action call."""
-
-    def __init__(self, spec: PolicySpec):
-        self.spec = spec
-        self.tokenizer = ByteTokenizer(spec.max_tokens)
-        self._token_cache: dict[str, np.ndarray] = {}
-
-    def tokens(self, task: str) -> np.ndarray:
-        # The instruction rarely changes between calls; a robot stack caches its tokens the same way.
-        ids = self._token_cache.get(task)
-        if ids is None:
-            ids = self._token_cache[task] = self.tokenizer.encode(task)[None]
-        return ids
-
-    def __call__(self, obs: Observation, noise: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.stack([np.asarray(obs["images"][c.name]).transpose(2, 0, 1) for c in self.spec.cameras])
-        return {
-            "images": np.ascontiguousarray(images[None], dtype=np.uint8),
-            "state": np.asarray(obs["state"], dtype=np.float32)[None],
-            "tokens": self.tokens(obs["task"]),
-            "noise": np.asarray(noise, dtype=np.float32).reshape(1, self.spec.chunk_size, self.spec.action_dim),
-        }
+def in_static_batches(batch: int, feeds: dict[str, np.ndarray], fn: Callable[[dict[str, np.ndarray]], np.ndarray]) -> np.ndarray:
+    """``fn`` over ``feeds`` in slices of a graph's static ``batch``, the last slice padded with its last row."""
+    n = feed_rows(feeds)
+    outs = []
+    for i in range(0, n, batch):
+        part = {k: v[i : i + batch] for k, v in feeds.items()}
+        m = feed_rows(part)
+        if m < batch:
+            part = {k: np.concatenate([v, np.repeat(v[-1:], batch - m, axis=0)]) for k, v in part.items()}
+        outs.append(fn(part)[:m])
+    return np.concatenate(outs)
 
 
 class Runner(ABC):
-    """One runtime executing one policy graph."""
+    """One runtime executing one policy graph. ``get_action`` is the whole control-loop call:
+    the family's preprocessor (tokenizer, image layout) plus inference, what verify times."""
 
     name: str = "runner"
 
     def __init__(self, spec: PolicySpec):
+        from vlacompile.families import make_preprocessor
+
         self.spec = spec
-        self.preprocess = Preprocessor(spec)
+        self.preprocess = make_preprocessor(spec)
 
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Batched model inputs -> actions float32 [B, chunk, action_dim]."""
 
     def run_batched(self, inputs: dict[str, np.ndarray], batch_size: int = 32, *, progress: bool = False, desc: str = "") -> np.ndarray:
-        n = len(inputs["state"])
+        n = feed_rows(inputs)
         starts = range(0, n, batch_size)
         if progress:
             from tqdm.auto import tqdm

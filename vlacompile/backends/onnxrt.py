@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vlacompile.backends.base import Runner
+from vlacompile.backends.base import Runner, in_static_batches
 from vlacompile.errors import MissingDependencyError
-from vlacompile.policy import INPUT_NAMES, PolicySpec
+from vlacompile.policy import PolicySpec
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -46,13 +46,14 @@ class OrtRunner(Runner):
         self.session = make_session(self.path, provider, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.name = f"onnxruntime-{provider}"
-        # Graphs with a static batch of one (TensorRT-style profiles) are run one sample at a time.
+        # Graphs with a static batch (TensorRT-style profiles) run in slices of that batch.
         shape = self.session.get_inputs()[0].shape
         self.static_batch = shape[0] if isinstance(shape[0], int) else None
 
+    def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, {k: inputs[k] for k in self.input_names})[0]
+
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {k: inputs[k] for k in INPUT_NAMES if k in self.input_names}
-        n = len(inputs["state"])
-        if self.static_batch and n != self.static_batch:
-            return np.concatenate([self.run({k: v[i : i + 1] for k, v in inputs.items()}) for i in range(n)])
-        return self.session.run(None, feed)[0]
+        if self.static_batch and len(next(iter(inputs.values()))) != self.static_batch:
+            return in_static_batches(self.static_batch, inputs, self._run)
+        return self._run(inputs)

@@ -1,65 +1,85 @@
-"""The split policy on ONNX Runtime: System 2 once per chunk, then K System 1 steps.
+"""The split policy: System 2 once per chunk, then K System 1 steps, driven by ``split.json``.
 
 This is the glue a robot stack runs when the two parts are separate graphs (as TensorRT engines
-are built): state normalisation, Euler integration and action un-normalisation happen here in
-numpy, with the statistics the export wrote to ``split.json``. The result matches the single graph
-(and the torch policy) to float32 rounding.
+are built). What it does is data in ``split.json`` (``vlacompile.families.base.SplitPlan``): the
+inputs derived from the policy's inputs (the reference family standardises the state), what System
+2 hands System 1 (prefix features, or a per-layer K/V cache), the integrator (Euler over the
+recorded times, from t=0 to 1 or from 1 to 0) and the action post-processing. ``SplitProgram``
+executes it for any pair of part runners: ONNX Runtime here, TensorRT plans on the device. The
+result matches the single graph (and the torch policy) to float32 rounding.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from vlacompile.backends.base import Runner
-from vlacompile.errors import CheckpointError
+from vlacompile.artifact import read_split_manifest
+from vlacompile.backends.base import Runner, in_static_batches
 from vlacompile.policy import PolicySpec
 
-SPLIT_JSON = "split.json"  # as vlacompile.stages.export.SPLIT_JSON (not imported: it pulls the stage)
+PartFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
-def read_split_manifest(split_dir: str | Path) -> dict[str, Any]:
-    path = Path(split_dir) / SPLIT_JSON
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            "no split.json: this artifact has no System 2 / System 1 graphs",
-            source=path.parent,
-            hint="build with export.split = true in the recipe",
-        ) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"split.json is not valid JSON ({e})", source=path, hint="re-export the artifact") from None
-    missing = [k for k in ("system2", "system1", "flow_steps", "batch_size", "state_mean", "state_std", "action_mean", "action_std") if k not in meta]
-    if missing:
-        raise CheckpointError(f"split.json lacks {missing}", source=path, hint="re-export the artifact")
-    return meta
+def _op(x: np.ndarray, op: dict[str, Any]) -> np.ndarray:
+    if op["op"] == "slice":
+        return x[..., : op["stop"]]
+    v = np.asarray(op["value"], dtype=np.float32)
+    if op["op"] == "add":
+        return x + v
+    if op["op"] == "sub":
+        return x - v
+    if op["op"] == "mul":
+        return x * v
+    if op["op"] == "div":
+        return x / v
+    raise ValueError(f"split.json names an unknown op {op['op']!r}")
 
 
-class SplitStats:
-    """Normalisation and integration constants of a split policy, as float32 arrays."""
+def apply_ops(x: np.ndarray, ops: list[dict[str, Any]]) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    for op in ops:
+        x = _op(x, op).astype(np.float32, copy=False)
+    return x
+
+
+class SplitProgram:
+    """split.json's glue, run with two part functions (feed dict -> outputs in the part's output order)."""
 
     def __init__(self, meta: dict[str, Any]):
-        f32 = lambda k: np.asarray(meta[k], dtype=np.float32)
-        self.state_mean, self.state_std = f32("state_mean"), f32("state_std")
-        self.action_mean, self.action_std = f32("action_mean"), f32("action_std")
-        self.flow_steps = int(meta["flow_steps"])
+        self.meta = meta
+        self.integrator = meta["integrator"]
+        if self.integrator.get("kind") != "euler":
+            raise ValueError(f"split.json integrator {self.integrator.get('kind')!r} is not one this runner executes (euler)")
+        self.times = [np.float32(t) for t in self.integrator["times"]]
+        self.update = self.integrator["update"]
 
-    def normalize_state(self, state: np.ndarray) -> np.ndarray:
-        return ((state.astype(np.float32) - self.state_mean) / self.state_std).astype(np.float32)
+    @property
+    def flow_steps(self) -> int:
+        return len(self.times)
 
-    def integrate(self, noise: np.ndarray, velocity) -> np.ndarray:
-        """Euler steps from noise (t=0) to actions (t=1), then physical units; ``velocity(x, t)``
-        is one System 1 call. Written as the torch module computes it (same float32 ops)."""
-        k = self.flow_steps
-        x = noise.astype(np.float32)
-        for i in range(k):
-            t = np.full((x.shape[0],), i / k, dtype=np.float32)
-            x = x + velocity(x, t) / np.float32(k)
-        return x * self.action_std + self.action_mean
+    def run(self, inputs: dict[str, np.ndarray], system2: PartFn, system1: PartFn) -> np.ndarray:
+        m = self.meta
+        values: dict[str, np.ndarray] = dict(inputs)
+        for d in m["derived"]:
+            values[d["output"]] = apply_ops(values[d["input"]], d["ops"])
+        s2 = m["system2"]
+        outs = system2({k: values[k] for k in s2["inputs"]})
+        values.update(zip(s2["output_names"], outs, strict=True))
+        integ = self.integrator
+        x = np.asarray(values[integ["init"]], dtype=np.float32)
+        n = x.shape[0]
+        step = np.float32(self.update["value"])
+        s1 = m["system1"]
+        for t in self.times:
+            values[integ["x"]] = x
+            values[integ["t"]] = np.full((n,), t, dtype=np.float32)
+            v = system1({k: values[k] for k in s1["inputs"]})[s1["output_names"].index(integ["velocity"])]
+            # Written as the torch module computes it (same float32 ops).
+            x = x + v / step if self.update["op"] == "div" else x + v * step
+        return apply_ops(x, m["post"])
 
 
 class SplitRunner(Runner):
@@ -71,7 +91,7 @@ class SplitRunner(Runner):
         super().__init__(spec)
         self.dir = Path(split_dir)
         self.meta = read_split_manifest(self.dir)
-        self.stats = SplitStats(self.meta)
+        self.program = SplitProgram(self.meta)
         self.batch = int(self.meta["batch_size"])
         self.system2 = make_session(self.dir / self.meta["system2"]["onnx"], provider, threads)
         self.system1 = make_session(self.dir / self.meta["system1"]["onnx"], provider, threads)
@@ -79,37 +99,22 @@ class SplitRunner(Runner):
         self.name = f"onnxruntime-{provider}-split"
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        n = len(inputs["state"])
-        if n == self.batch:
-            return self._run(inputs)
-        # Static-batch graphs: run in slices of the batch, padding the last slice with its last row.
-        outs = []
-        for i in range(0, n, self.batch):
-            part = {k: v[i : i + self.batch] for k, v in inputs.items()}
-            m = len(part["state"])
-            if m < self.batch:
-                part = {k: np.concatenate([v, np.repeat(v[-1:], self.batch - m, axis=0)]) for k, v in part.items()}
-            outs.append(self._run(part)[:m])
-        return np.concatenate(outs)
+        return in_static_batches(self.batch, inputs, self._run)
 
     def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        prefix, prefix_mask = self.system2.run(None, {"images": inputs["images"], "tokens": inputs["tokens"]})
-        state_n = self.stats.normalize_state(inputs["state"])
-
-        def velocity(x, t):
-            feed = {"x_t": x, "t": t, "state_n": state_n, "prefix": prefix, "prefix_mask": prefix_mask}
-            return self.system1.run(None, feed)[0]
-
-        return self.stats.integrate(inputs["noise"], velocity)
+        return self.program.run(inputs, lambda feed: self.system2.run(None, feed), lambda feed: self.system1.run(None, feed))
 
 
-def _random_feed(shapes: dict[str, list[int]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _random_feed(shapes: dict[str, list[int]], dtypes: dict[str, str], rng: np.random.Generator) -> dict[str, np.ndarray]:
     feed = {}
     for name, shape in shapes.items():
-        if name == "images":
+        dtype = dtypes.get(name, "float32")
+        if dtype == "uint8":
             feed[name] = rng.integers(0, 256, shape, dtype=np.uint8)
-        elif name == "tokens":
+        elif dtype == "int64":
             feed[name] = rng.integers(3, 200, shape, dtype=np.int64)
+        elif dtype == "bool":
+            feed[name] = np.ones(shape, dtype=bool)
         elif name == "t":
             feed[name] = rng.random(shape, dtype=np.float32)
         else:
@@ -117,11 +122,18 @@ def _random_feed(shapes: dict[str, list[int]], rng: np.random.Generator) -> dict
     return feed
 
 
+def _input_dtypes(session) -> dict[str, str]:
+    kinds = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(float)": "float32"}
+    return {i.name: kinds.get(i.type, "float32") for i in session.get_inputs()}
+
+
 def time_parts(
-    split_dir: str | Path, *, calls: int = 100, warmup: int = 10, provider: str = "cpu", threads: int | None = None, seed: int = 0
+    split_dir: str | Path, *, calls: int = 100, warmup: int = 10, provider: str = "cpu", threads: int | None = None, seed: int = 0,
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Warm latency of System 2 and of one System 1 step, each timed alone with ONNX Runtime on this
-    host (inputs: System 2's real outputs feed System 1). ``chunk_ms_p50`` = System 2 + K steps."""
+    host (System 2's real outputs feed System 1). ``feeds``: the policy's inputs (one static batch) to
+    time with; random ones otherwise. ``chunk_ms_p50`` = System 2 + K steps."""
     from vlacompile.backends.onnxrt import make_session
     from vlacompile.targets import host_device_string
     from vlacompile.verify.latency import summarize_ms
@@ -133,10 +145,21 @@ def time_parts(
     rng = np.random.default_rng(seed)
     s2 = make_session(split_dir / meta["system2"]["onnx"], provider, threads)
     s1 = make_session(split_dir / meta["system1"]["onnx"], provider, threads)
-    feed2 = _random_feed(meta["system2"]["inputs"], rng)
-    prefix, prefix_mask = s2.run(None, feed2)
-    feed1 = {**_random_feed({k: v for k, v in meta["system1"]["inputs"].items() if not k.startswith("prefix")}, rng),
-             "prefix": prefix, "prefix_mask": prefix_mask}
+    values: dict[str, np.ndarray] = {}
+    if feeds is not None:
+        values.update(feeds)
+        for d in meta["derived"]:
+            values[d["output"]] = apply_ops(values[d["input"]], d["ops"])
+    s2_in = meta["system2"]["inputs"]
+    feed2 = {**_random_feed({k: v for k, v in s2_in.items() if k not in values}, _input_dtypes(s2), rng),
+             **{k: values[k] for k in s2_in if k in values}}
+    carry = dict(zip(meta["system2"]["output_names"], s2.run(None, feed2), strict=True))
+    s1_in = meta["system1"]["inputs"]
+    feed1 = {**_random_feed({k: v for k, v in s1_in.items() if k not in carry and k not in values}, _input_dtypes(s1), rng),
+             **{k: values[k] for k in s1_in if k in values and k not in carry}, **{k: carry[k] for k in s1_in if k in carry}}
+    integ = meta["integrator"]
+    if integ["t"] in feed1:
+        feed1[integ["t"]] = np.full(feed1[integ["t"]].shape, integ["times"][0], dtype=np.float32)
 
     def timed(session, feed) -> dict[str, float]:
         for _ in range(warmup):
@@ -149,7 +172,7 @@ def time_parts(
         return summarize_ms(ms)
 
     system2, step = timed(s2, feed2), timed(s1, feed1)
-    k = int(meta["flow_steps"])
+    k = len(integ["times"])
     return {
         "kind": "measured",
         "measured_on": host_device_string(),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlacompile.backends.base import Runner
+from vlacompile.backends.base import Runner, in_static_batches
 from vlacompile.policy import PolicySpec
 
 
@@ -58,18 +58,6 @@ class TrtPlan:
         return {n: t.numpy() for n, t in out.items()}
 
 
-def _in_batches(batch: int, inputs: dict[str, np.ndarray], fn) -> np.ndarray:
-    n = len(inputs["state"])
-    outs = []
-    for i in range(0, n, batch):
-        part = {k: v[i : i + batch] for k, v in inputs.items()}
-        m = len(part["state"])
-        if m < batch:  # static batch: pad the last slice with its last row
-            part = {k: np.concatenate([v, np.repeat(v[-1:], batch - m, axis=0)]) for k, v in part.items()}
-        outs.append(fn(part)[:m])
-    return np.concatenate(outs)
-
-
 class TrtRunner(Runner):
     """The single-graph plan (``student.plan``): model inputs -> actions."""
 
@@ -79,32 +67,32 @@ class TrtRunner(Runner):
         self.name = "tensorrt"
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return _in_batches(self.plan.batch, inputs, lambda feed: self.plan.infer(feed)["actions"])
+        return in_static_batches(self.plan.batch, inputs, lambda feed: self.plan.infer(feed)["actions"])
 
 
 class TrtSplitRunner(Runner):
-    """``system2.plan`` once, then ``system1.plan`` K times, with the split export's statistics."""
+    """``system2.plan`` once, then ``system1.plan`` K times, driven by the artifact's split.json."""
 
     def __init__(self, artifact_dir: str | Path, spec: PolicySpec):
-        from vlacompile.backends.split import SplitStats, read_split_manifest
+        from vlacompile.artifact import read_split_manifest
+        from vlacompile.backends.split import SplitProgram
 
         super().__init__(spec)
         artifact_dir = Path(artifact_dir)
-        meta = read_split_manifest(artifact_dir)
-        self.stats = SplitStats(meta)
-        self.system2 = TrtPlan(artifact_dir / Path(meta["system2"]["onnx"]).with_suffix(".plan"))
-        self.system1 = TrtPlan(artifact_dir / Path(meta["system1"]["onnx"]).with_suffix(".plan"))
+        self.meta = read_split_manifest(artifact_dir)
+        self.program = SplitProgram(self.meta)
+        self.system2 = TrtPlan(artifact_dir / Path(self.meta["system2"]["onnx"]).with_suffix(".plan"))
+        self.system1 = TrtPlan(artifact_dir / Path(self.meta["system1"]["onnx"]).with_suffix(".plan"))
         self.name = "tensorrt-split"
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return _in_batches(self.system2.batch, inputs, self._run)
+        return in_static_batches(self.system2.batch, inputs, self._run)
+
+    @staticmethod
+    def _part(plan: TrtPlan, names: list[str]):
+        return lambda feed: [plan.infer(feed)[n] for n in names]
 
     def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        s2 = self.system2.infer({"images": inputs["images"], "tokens": inputs["tokens"]})
-        state_n = self.stats.normalize_state(inputs["state"])
-
-        def velocity(x, t):
-            feed = {"x_t": x, "t": t, "state_n": state_n, "prefix": s2["prefix"], "prefix_mask": s2["prefix_mask"]}
-            return self.system1.infer(feed)["velocity"]
-
-        return self.stats.integrate(inputs["noise"], velocity)
+        m = self.meta
+        return self.program.run(inputs, self._part(self.system2, m["system2"]["output_names"]),
+                                self._part(self.system1, m["system1"]["output_names"]))

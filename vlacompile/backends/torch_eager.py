@@ -19,5 +19,4 @@ class TorchRunner(Runner):
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-        return self.policy.module(t["images"], t["state"], t["tokens"], t["noise"]).numpy()
+        return self.policy.module(*[torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in self.spec.input_names]).numpy()

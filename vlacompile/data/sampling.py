@@ -8,22 +8,26 @@ import numpy as np
 
 from vlacompile.data.episodes import EpisodeSet
 from vlacompile.errors import EpisodeError
+from vlacompile.observation import ObservationBatch
 
 
 @dataclass
 class Samples:
     """A batch of observations and target action chunks, as numpy arrays."""
 
-    images: np.ndarray  # uint8 [N, n_cams, 3, H, W], cameras in EpisodeSet.camera_names order
+    images: dict[str, np.ndarray]  # camera name -> uint8 [N, H, W, 3] (each camera its own resolution)
     state: np.ndarray  # float32 [N, state_dim]
     tasks: list[str]  # N instructions
     actions: np.ndarray  # float32 [N, chunk, action_dim]: a[t:t+chunk], last action repeated past the end
     episode_index: np.ndarray  # int64 [N]
     frame_index: np.ndarray  # int64 [N]
-    camera_names: tuple[str, ...] = ()  # the order of the images' camera axis
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
+
+    @property
+    def camera_names(self) -> tuple[str, ...]:
+        return tuple(self.images)
 
     def select(self, idx) -> "Samples":
         """Rows ``idx`` (an int array, a boolean mask or a slice)."""
@@ -35,32 +39,30 @@ class Samples:
                 rows = np.flatnonzero(rows)
             rows = rows.astype(np.int64).reshape(-1)
         return Samples(
-            images=self.images[rows],
+            images={c: v[rows] for c, v in self.images.items()},
             state=self.state[rows],
             tasks=[self.tasks[int(i)] for i in rows],
             actions=self.actions[rows],
             episode_index=self.episode_index[rows],
             frame_index=self.frame_index[rows],
-            camera_names=self.camera_names,
         )
 
-    def model_inputs(self, spec) -> dict[str, np.ndarray]:
-        """The policy's inputs less the noise: images in the POLICY's camera order, state, tokens."""
-        from vlacompile.tokenizer import ByteTokenizer
+    def observations(self) -> ObservationBatch:
+        """The observations as a robot would hand them to a policy (what a family's preprocessor reads)."""
+        return ObservationBatch(images=self.images, state=self.state.astype(np.float32), tasks=self.tasks)
 
-        missing = [c.name for c in spec.cameras if c.name not in self.camera_names]
+    def model_inputs(self, spec) -> dict[str, np.ndarray]:
+        """The policy's inputs less the noise, from the family's preprocessor for ``spec``."""
+        from vlacompile.families import make_preprocessor
+
+        missing = [c.name for c in spec.cameras if c.name not in self.images]
         if missing:
             raise EpisodeError(
                 f"the policy reads cameras {missing} that the episodes do not have ({list(self.camera_names)})",
                 source="episodes",
                 hint="use episodes recorded with the policy's cameras",
             )
-        order = [self.camera_names.index(c.name) for c in spec.cameras]
-        return {
-            "images": np.ascontiguousarray(self.images[:, order]),
-            "state": self.state.astype(np.float32),
-            "tokens": ByteTokenizer(spec.max_tokens).encode_batch(self.tasks),
-        }
+        return make_preprocessor(spec).batch(self.observations())
 
 
 def make_samples(
@@ -104,7 +106,7 @@ def _samples_at(es: EpisodeSet, pairs: list[tuple[int, int]], chunk_size: int) -
     n = len(pairs)
     h, w = es.image_shape
     cams = es.camera_names
-    images = np.empty((n, len(cams), 3, h, w), dtype=np.uint8)
+    images = {cam: np.empty((n, h, w, 3), dtype=np.uint8) for cam in cams}
     state = np.empty((n, es.state_dim), dtype=np.float32)
     actions = np.empty((n, chunk_size, es.action_dim), dtype=np.float32)
     episode_index = np.empty(n, dtype=np.int64)
@@ -113,14 +115,14 @@ def _samples_at(es: EpisodeSet, pairs: list[tuple[int, int]], chunk_size: int) -
     steps = np.arange(chunk_size)
     for row, (pos, t) in enumerate(pairs):
         ep = es.episodes[pos]
-        for c, cam in enumerate(cams):
-            images[row, c] = ep.images[cam][t].transpose(2, 0, 1)
+        for cam in cams:
+            images[cam][row] = ep.images[cam][t]
         state[row] = ep.state[t]
         actions[row] = ep.action[np.minimum(t + steps, len(ep) - 1)]
         episode_index[row] = ep.index
         frame_index[row] = t
         tasks.append(ep.task)
-    return Samples(images, state, tasks, actions, episode_index, frame_index, tuple(cams))
+    return Samples(images, state, tasks, actions, episode_index, frame_index)
 
 
 def draw_stratified(es: EpisodeSet, n: int, *, chunk_size: int, seed: int = 0) -> Samples:

@@ -1,56 +1,87 @@
-"""Policy families: where a checkpoint's architecture is recognised and built.
+"""Policy families: where a checkpoint's architecture is recognised, loaded and described.
 
-A family turns ``config.json`` into a config object, builds the torch module with the canonical
-signature (see ``vlacompile.policy``), and describes it (spec, FLOPs). The reference family is the
-first; LeRobot SmolVLA / pi0 and GR00T loaders plug in here by registering a ``Family``.
+One folder per family (``reference/``, ``smolvla/``), each with its configuration, modeling,
+processor and the ``Family`` hooks (``vlacompile.families.base``). A family registers here by
+name; its modules are imported only when a checkpoint of it is met, so the registry stays light.
+``detect`` reads a checkpoint's ``config.json`` (``model_type``, or LeRobot's ``type``) and names
+what it found when no registered family takes it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from vlacompile.errors import CheckpointError
 
-from vlacompile.policy import PolicySpec
+if TYPE_CHECKING:
+    from vlacompile.families.base import Family, Preprocessor
+    from vlacompile.policy import PolicySpec
 
+# name -> module that defines FAMILY (a Family instance), imported on first use.
+_REGISTRY: dict[str, str] = {
+    "vlacompile-reference": "vlacompile.families.reference.family",
+}
+_LOADED: dict[str, "Family"] = {}
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    config_from_dict: Callable[[dict[str, Any], str], Any]  # (config.json contents, source) -> config
-    build: Callable[[Any], nn.Module]
-    spec_of: Callable[[nn.Module], PolicySpec]
-    flops_per_call: Callable[[Any], dict[str, float]]  # {"system2", "system1_per_step", "system1"}
-
-
-_FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    _FAMILIES[family.name] = family
-    return family
+# LeRobot policy types vlacompile recognises but cannot compile yet (config.json "type").
+LEROBOT_TYPES = {
+    "pi0": "pi0", "pi05": "pi0.5", "pi0_fast": "pi0-FAST", "groot": "GR00T", "act": "ACT", "diffusion": "Diffusion Policy",
+    "vqbet": "VQ-BeT", "tdmpc": "TD-MPC", "sac": "SAC", "smolvla": "SmolVLA", "xvla": "X-VLA", "wall_x": "WALL-OSS",
+}
 
 
-def get_family(name: str) -> Family | None:
-    return _FAMILIES.get(name)
+def register(name: str, module: str) -> None:
+    """Register a family defined by ``FAMILY`` in ``module`` (imported lazily)."""
+    _REGISTRY[name] = module
+    _LOADED.pop(name, None)
+
+
+def get_family(name: str | None) -> "Family | None":
+    if name not in _REGISTRY:
+        return None
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_REGISTRY[name]).FAMILY
+    return _LOADED[name]
 
 
 def known_families() -> list[str]:
-    return sorted(_FAMILIES)
+    return sorted(_REGISTRY)
 
 
-def _register_builtin() -> None:
-    from vlacompile.families import reference
+def family_of_config(config) -> "Family":
+    for name in _REGISTRY:
+        fam = get_family(name)
+        if isinstance(config, fam.config_cls):
+            return fam
+    raise TypeError(f"no registered family has config type {type(config).__name__}")
 
-    register(
-        Family(
-            name=reference.FAMILY,
-            config_from_dict=reference.ReferenceConfig.from_dict,
-            build=reference.build,
-            spec_of=reference.spec_of,
-            flops_per_call=reference.flops_per_call,
+
+def make_preprocessor(spec: "PolicySpec") -> "Preprocessor":
+    family = get_family(spec.family)
+    if family is None:
+        raise CheckpointError(f"unknown policy family {spec.family!r}", source="spec", hint=f"vlacompile knows {known_families()}")
+    return family.preprocessor(spec)
+
+
+def detect(raw: dict[str, Any], config_path: Path) -> "Family":
+    """The family whose checkpoints look like ``raw`` (a config.json), or a CheckpointError naming what it is."""
+    for name in _REGISTRY:
+        family = get_family(name)
+        if family.matches(raw):
+            return family
+    supported = ", ".join(f"{get_family(n).label} ({n})" for n in known_families())
+    lerobot_type = raw.get("type")
+    if isinstance(lerobot_type, str):
+        what = LEROBOT_TYPES.get(lerobot_type, lerobot_type)
+        raise CheckpointError(
+            f"a lerobot `{lerobot_type}` checkpoint ({what}); vlacompile supports {supported}",
+            source=config_path,
+            hint="compile a supported family, or add one in vlacompile/families/ (a folder plus a registration)",
         )
+    model_type = raw.get("model_type")
+    raise CheckpointError(
+        f"unknown policy family model_type={model_type!r}" + (" and no LeRobot \"type\"" if model_type is None else ""),
+        source=config_path,
+        hint=f"vlacompile supports {supported}; a new family is added in vlacompile/families/",
     )
-
-
-_register_builtin()

@@ -42,10 +42,11 @@ def unmatched(patterns: Iterable[str], names: Iterable[tuple[str, str]]) -> list
 def sample_inputs(spec: PolicySpec, episodes, n: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     """``n`` model inputs drawn stratified from ``episodes`` (tasks, episodes, time), with seeded noise.
 
-    Cameras are reordered to the policy's order; tokens come from the policy's byte tokenizer.
+    The family's preprocessor makes them (camera order, tokenizer), as at run time.
     """
     from vlacompile.data.sampling import draw_stratified
 
     samples = draw_stratified(episodes, n, chunk_size=spec.chunk_size, seed=seed)
-    noise = np.random.default_rng(seed).standard_normal((len(samples), spec.chunk_size, spec.action_dim), dtype=np.float32)
-    return {**samples.model_inputs(spec), "noise": noise}
+    noise = np.random.default_rng(seed).standard_normal((len(samples), *spec.noise_shape), dtype=np.float32)
+    name = next(i.name for i in spec.inputs if i.role == "noise")
+    return {**samples.model_inputs(spec), name: noise}

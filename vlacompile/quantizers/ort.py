@@ -138,11 +138,12 @@ def quantize_static(
     first = model.graph.input[0].type.tensor_type.shape.dim[0]
     batch = first.dim_value if first.HasField("dim_value") else 1
     names = [i.name for i in model.graph.input]
-    n = len(calibration["state"]) // batch * batch
+    rows = len(next(iter(calibration.values())))
+    n = rows // batch * batch
     feeds = [{k: calibration[k][i : i + batch] for k in names} for i in range(0, n, batch)]
     if not feeds:
         raise ConfigError(
-            f"{len(calibration['state'])} calibration observations do not fill one batch of the graph ({batch})",
+            f"{rows} calibration observations do not fill one batch of the graph ({batch})",
             source=source,
             hint="raise quantize.calibration_samples (or pass more calibration episodes)",
         )

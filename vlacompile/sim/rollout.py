@@ -77,6 +77,7 @@ def run_episode(runner, env, *, env_seed: int, noise_key: tuple[int, int, int], 
     """One closed-loop episode; stops at success, termination, truncation or ``max_steps``."""
     spec = runner.spec
     shape = (spec.chunk_size, spec.action_dim)
+    noise_shape = tuple(getattr(spec, "noise_shape", shape))  # the family's own noise shape (padded actions)
     n = min(actions_per_chunk, spec.chunk_size)
     obs, info = env.reset(seed=env_seed)
     if hasattr(runner, "begin_episode"):
@@ -85,7 +86,7 @@ def run_episode(runner, env, *, env_seed: int, noise_key: tuple[int, int, int], 
     executed: list[np.ndarray] = []
     chunks = 0
     while not success and len(executed) < max_steps:
-        chunk = np.asarray(runner.get_action(obs, chunk_noise(*noise_key, chunks, shape)), dtype=np.float32)
+        chunk = np.asarray(runner.get_action(obs, chunk_noise(*noise_key, chunks, noise_shape)), dtype=np.float32)
         if chunk.shape != shape:
             raise ValueError(f"{getattr(runner, 'name', 'runner')} returned a chunk of shape {chunk.shape}, expected {shape}")
         chunks += 1

@@ -20,17 +20,27 @@ Kind = Literal["torch", "onnx"]
 
 @dataclass
 class Artifact:
-    """What flows between stages: the (student) torch policy and, once exported, its ONNX graph."""
+    """What flows between stages: the (student) torch policy and, once exported, its ONNX graphs."""
 
     policy: Policy
-    onnx_path: Path | None = None
+    onnx_path: Path | None = None  # the single graph (the one verify runs)
     precision: str = "fp32"  # the lowest precision applied so far
     quantized_torch: bool = False  # the torch module carries modelopt fake-quant (exports with dynamo=False)
     records: list[dict[str, Any]] = field(default_factory=list)  # one per stage: name, params, metrics, seconds
+    # Files exported beside the single graph that belong to the artifact (the split graphs and
+    # split.json): stored and restored with it, so a cached build comes back whole.
+    extra_files: tuple[Path, ...] = ()
 
     @property
     def kind(self) -> Kind:
         return "onnx" if self.onnx_path is not None else "torch"
+
+    @property
+    def files(self) -> list[Path]:
+        """Every exported file: the single graph (+ external data) and the extra files."""
+        from vlacompile.artifact import onnx_files
+
+        return [*(onnx_files(self.onnx_path) if self.onnx_path is not None else []), *self.extra_files]
 
 
 @dataclass

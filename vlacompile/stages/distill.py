@@ -1,42 +1,51 @@
 """distill: a smaller student of the same family, initialised from the teacher and trained to match it.
 
 The student keeps a subset of the teacher's layers (DistilBERT / Minitron layer selection), the
-most important MLP channels (Minitron: mean |GELU(fc1 x)| on calibration episodes) when
+most important MLP channels (Minitron: mean activation magnitude on calibration episodes) when
 ``mlp_ratio`` < 1, and may integrate its flow in fewer steps. Everything it keeps is copied from
 the teacher, then it is trained to reproduce the teacher's action chunks for the same observation
 and the same initial noise (``vlacompile.training.train_to_match``): with fewer flow steps than
 the teacher this is step distillation, the largest single latency lever of a flow-matching head.
 
-The student is initialised from the stage's input policy (the teacher when distill comes first)
-and always trained against the build's teacher (``ctx.teacher``).
+The student's shape is said in terms every family understands: per part (``vision``, ``backbone``,
+``expert``) a fraction of the teacher's layers or explicit layer indices, an MLP ratio and the flow
+steps. The family resolves them under its own constraints (SmolVLA: which layers may be
+self- or cross-attention, how the expert maps onto the VLM layers); ``per_family`` overrides them for
+one family. The student is initialised from the stage's input policy (the teacher when distill
+comes first) and always trained against the build's teacher (``ctx.teacher``).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlacompile.errors import ConfigError, EpisodeError
 from vlacompile.stages import Artifact, BuildContext, Kind
-from vlacompile.stages.prune import PARTS, measure_importance, restructure, top_k
 from vlacompile.training import MatchSettings, train_to_match
 
 IMPORTANCE_SAMPLES = 128  # calibration observations for ranking MLP channels
 
 
+LayerRequest = float | tuple[int, ...]  # a fraction of the teacher's layers, or the indices to keep
+OVERRIDABLE = ("layers", "mlp_ratio", "flow_steps")
+
+
 @dataclass(frozen=True)
 class Params:
-    vision_layers: tuple[int, ...] | None = None  # teacher layers the student keeps; None keeps all
-    backbone_layers: tuple[int, ...] | None = None
-    expert_layers: tuple[int, ...] | None = None
+    # Per part: the fraction of the teacher's layers the student keeps (evenly spaced, first and last
+    # kept; e.g. 0.5) or the teacher layer indices; a part left out keeps all its layers.
+    layers: dict[str, LayerRequest] = field(default_factory=dict)
     mlp_ratio: float = 1.0  # student MLP width / teacher's
     flow_steps: int | None = None  # student integration steps; None keeps the teacher's
+    # Overrides of layers / mlp_ratio / flow_steps for one family, e.g. per_family.smolvla.layers.backbone = [0, 1, 8, 9].
+    per_family: dict[str, dict[str, Any]] = field(default_factory=dict)
     steps: int = 600  # optimizer steps; 0 returns the initialised, untrained student
     batch_size: int = 32
     lr: float = 1e-3
     num_samples: int = 2048  # training observations drawn from the training episodes
     noises_per_sample: int = 1
-    feature_loss_weight: float = 0.0  # MSE between student and teacher prefix (backbone) features
+    feature_loss_weight: float = 0.0  # MSE between student and teacher prefix features (families with a feature tap)
     weight_decay: float = 0.0
     # Extra copies of each observation with its state moved by N(0, (state_jitter * teacher state std)^2).
     # Distillation needs no labels, so these are free data: with a few episodes per task the student
@@ -49,19 +58,43 @@ def kinds(params: Params, target) -> tuple[Kind, Kind]:
     return "torch", "torch"
 
 
-def check(params: Params, target, source: str = "recipe") -> None:
-    for part in PARTS:
-        layers = getattr(params, f"{part}_layers")
-        if layers is None:
+def _check_layers(layers: dict[str, Any], where: str, source: str) -> None:
+    for part, value in layers.items():
+        if isinstance(value, float):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"{where}.{part} is {value}; a fraction of the teacher's layers must be in (0, 1]",
+                                  source=source, hint="e.g. 0.5 keeps half of them, or list the layer indices to keep")
             continue
-        if not layers:
-            raise ConfigError(f"distill.{part}_layers is empty; keep at least one layer", source=source, hint="or leave it out to keep all")
-        if any(i < 0 for i in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+        if not value:
+            raise ConfigError(f"{where}.{part} is empty; keep at least one layer", source=source, hint="or leave the part out to keep all")
+        if any(i < 0 for i in value) or any(b <= a for a, b in zip(value, value[1:])):
             raise ConfigError(
-                f"distill.{part}_layers is {list(layers)}; it must list teacher layer indices (from 0) in increasing order",
-                source=source,
-                hint="e.g. [0, 5] keeps the first and last of six layers",
+                f"{where}.{part} is {list(value)}; it must list teacher layer indices (from 0) in increasing order",
+                source=source, hint="e.g. [0, 5] keeps the first and last of six layers",
             )
+
+
+def resolved(params: Params, family: str, source: str = "recipe") -> Params:
+    """``params`` with ``per_family[family]`` applied (checked like the rest)."""
+    extra = params.per_family.get(family)
+    if not extra:
+        return params
+    from vlacompile.config_util import from_dict
+
+    bad = sorted(set(extra) - set(OVERRIDABLE))
+    if bad:
+        raise ConfigError(f"distill.per_family.{family} sets {bad}; only {list(OVERRIDABLE)} can differ per family", source=source)
+    over = from_dict(Params, extra, source, where=f"distill.per_family.{family}")
+    return replace(params, **{k: getattr(over, k) for k in extra}, per_family={})
+
+
+def check(params: Params, target, source: str = "recipe") -> None:
+    _check_layers(params.layers, "distill.layers", source)
+    for family in params.per_family:
+        p = resolved(params, family, source)
+        _check_layers(p.layers, f"distill.per_family.{family}.layers", source)
+        if not 0.0 < p.mlp_ratio <= 1.0 or (p.flow_steps is not None and p.flow_steps < 1):
+            raise ConfigError(f"distill.per_family.{family}: mlp_ratio must be in (0, 1] and flow_steps >= 1", source=source)
     if not 0.0 < params.mlp_ratio <= 1.0:
         raise ConfigError(f"distill.mlp_ratio is {params.mlp_ratio}; it must be in (0, 1]", source=source)
     if params.flow_steps is not None and params.flow_steps < 1:
@@ -96,53 +129,26 @@ def with_state_jitter(samples, copies: int, sigma, *, seed: int):
     return out
 
 
-def _check_against(params: Params, config: Any) -> dict[str, list[int]]:
-    """Layer indices against the teacher's depth (known only once the teacher is loaded)."""
-    layers = {}
-    for part in PARTS:
-        depth = len(getattr(config, f"{part}_heads"))
-        keep = getattr(params, f"{part}_layers")
-        if keep is None:
-            layers[part] = list(range(depth))
-            continue
-        bad = [i for i in keep if not 0 <= i < depth]
-        if bad:
-            raise ConfigError(
-                f"distill.{part}_layers={list(keep)} names layer {bad[0]}, but the teacher has {depth} {part} layers "
-                f"(indices 0..{depth - 1})",
-                source="recipe stage distill",
-                hint=f"pick {part} layers from 0 to {depth - 1}",
-            )
-        layers[part] = list(keep)
-    return layers
-
-
-def student_config(params: Params, config: Any, layers: dict[str, list[int]]) -> Any:
-    cfg = config.shrink(
-        vision_layers=layers["vision"],
-        backbone_layers=layers["backbone"],
-        expert_layers=layers["expert"],
-        mlp_ratio=params.mlp_ratio,
-        flow_steps=params.flow_steps,
-    )
-    # shrink() floors widths at 8 channels; a student is never wider than its teacher.
-    return replace(
-        cfg,
-        **{
-            f"{p}_mlp": tuple(min(w, getattr(config, f"{p}_mlp")[j]) for w, j in zip(getattr(cfg, f"{p}_mlp"), layers[p]))
-            for p in PARTS
-        },
-    )
+def narrow(width: int, ratio: float) -> int:
+    """A student MLP width: ``ratio`` of the teacher's, at least 8 channels, never wider than the teacher."""
+    return min(width, max(8, int(round(width * ratio))))
 
 
 def init_student(source, params: Params, ctx: BuildContext):
     """The layer-selected (and MLP-narrowed) student with the teacher's weights, not yet trained."""
-    layers = _check_against(params, source.config)
-    cfg = student_config(params, source.config, layers)
+    import torch
+
+    from vlacompile.families import get_family
+    from vlacompile.stages.prune import measure_importance, top_k
+
+    family = get_family(source.family)
+    params = resolved(params, source.family)
+    layers = family.resolve_layers(source.config, dict(params.layers), source="recipe stage distill")
+    widths = family.mlp_widths(source.config)
+    mlp = {p: [narrow(widths[p][j], params.mlp_ratio) for j in layers[p]] for p in layers if p in widths}
+    cfg = family.student_config(source.config, layers, mlp, params.flow_steps)
     keep: dict[tuple[str, int], dict] = {}
-    narrowed = [
-        (p, i, j) for p in PARTS for i, j in enumerate(layers[p]) if getattr(cfg, f"{p}_mlp")[i] < getattr(source.config, f"{p}_mlp")[j]
-    ]
+    narrowed = [(p, i, j) for p in mlp for i, j in enumerate(layers[p]) if mlp[p][i] < widths[p][j]]
     if narrowed:
         from vlacompile.data.sampling import draw_stratified
 
@@ -152,11 +158,15 @@ def init_student(source, params: Params, ctx: BuildContext):
         calib = draw_stratified(episodes, IMPORTANCE_SAMPLES, chunk_size=source.spec.chunk_size, seed=ctx.seed)
         imp = measure_importance(source, calib, seed=ctx.seed, parts=tuple(sorted({p for p, _, _ in narrowed})), what=("mlp",))
         for p, i, j in narrowed:
-            keep[(p, i)] = {"mlp": top_k(imp.mlp[(p, j)], getattr(cfg, f"{p}_mlp")[i])}
-    return restructure(source, cfg, layers=layers, keep=keep)
+            # A layer the family offers no ranking for computes nothing the outputs read (SmolVLA's
+            # last VLM layer: only its K/V are used): which channels it keeps does not matter.
+            scores = imp.mlp.get((p, j))
+            keep[(p, i)] = {"mlp": top_k(scores, mlp[p][i]) if scores is not None else torch.arange(mlp[p][i])}
+    return family.restructure(source, cfg, layers=layers, keep=keep)
 
 
 def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
+    import numpy as np
     import torch
 
     from vlacompile.config_util import to_dict
@@ -171,17 +181,15 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
             hint="put distill before quantize in the recipe",
         )
     teacher = ctx.teacher
+    family = get_family(teacher.family)
     torch.manual_seed(ctx.seed)
+    # The student is sliced from the teacher (or its pruned self), so it keeps the teacher's
+    # normalisation statistics and reproduces it in the teacher's units.
     student = init_student(artifact.policy, params, ctx)
-    # The student reproduces the teacher in the teacher's units: same normalisation statistics.
-    for name in ("state_mean", "state_std", "action_mean", "action_std"):
-        getattr(student.module, name).copy_(getattr(teacher.module, name))
-    student.spec = get_family(student.family).spec_of(student.module)
     ctx.log(
         f"distill: student {student.num_parameters() / 1e6:.2f}M params "
-        f"({student.config.vision_depth}+{student.config.backbone_depth}+{student.config.expert_depth} layers, "
-        f"{student.config.flow_steps} flow steps) from teacher {teacher.num_parameters() / 1e6:.2f}M "
-        f"({teacher.config.flow_steps} flow steps)"
+        f"({family.describe(student.config)}, {student.spec.flow_steps} flow steps) from teacher "
+        f"{teacher.num_parameters() / 1e6:.2f}M ({teacher.spec.flow_steps} flow steps)"
     )
 
     metrics: dict[str, Any] = {}
@@ -190,7 +198,9 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
             raise EpisodeError("distill needs training episodes", source="distill", hint="pass --episodes")
         samples = draw_stratified(ctx.train, params.num_samples, chunk_size=teacher.spec.chunk_size, seed=ctx.seed)
         if params.state_jitter_copies:
-            std = teacher.module.state_std.detach().cpu().numpy()
+            std = family.state_scale(teacher)
+            if std is None:
+                std = np.asarray(ctx.train.stats()["observation.state"]["std"], np.float32)
             samples = with_state_jitter(samples, params.state_jitter_copies, params.state_jitter * std, seed=ctx.seed)
         settings = MatchSettings(
             steps=params.steps,

@@ -1,9 +1,10 @@
 """export: the torch policy -> one static-shape ONNX graph, checked against torch with polygraphy.
 
 The graph is the whole policy (pre-processing, System 2, the unrolled flow loop of System 1,
-un-normalisation), with the input names of ``vlacompile.policy.INPUT_NAMES`` and the output
-``actions``, and the static shapes of the policy spec at ``batch_size`` (TensorRT profiles and the
-ORT CPU runner want static shapes).
+un-normalisation), with the policy spec's named inputs and the output ``actions``, and the static
+shapes of the spec at ``batch_size`` (TensorRT profiles and the ORT CPU runner want static shapes).
+With ``split`` the family's ``SplitPlan`` is exported too: System 2 and one System 1 step as two
+graphs, and ``split.json`` saying how a runner drives them.
 
 Exporters (DESIGN.md, tooling facts): the dynamo exporter is exact to ~1e-7 for plain, pruned and
 distilled models; modelopt fake-quant models export only with the TorchScript exporter, which writes
@@ -40,15 +41,12 @@ from typing import Any
 
 import numpy as np
 
+from vlacompile.artifact import SPLIT_JSON, SPLIT_NAMES, STUDENT_ONNX, onnx_files, sha256_files, split_files, write_split_manifest
 from vlacompile.errors import ConfigError, VlaCompileError
-from vlacompile.policy import INPUT_NAMES, OUTPUT_NAMES, Policy
+from vlacompile.policy import OUTPUT_NAMES, Policy
 from vlacompile.stages import Artifact, BuildContext, Kind
 
-ONNX_NAME = "student.onnx"
-SPLIT_NAMES = {"system2": "system2.onnx", "system1": "system1.onnx"}
-SPLIT_JSON = "split.json"
-SYSTEM2_INPUTS, SYSTEM2_OUTPUTS = ("images", "tokens"), ("prefix", "prefix_mask")
-SYSTEM1_INPUTS, SYSTEM1_OUTPUTS = ("x_t", "t", "state_n", "prefix", "prefix_mask"), ("velocity",)
+ONNX_NAME = STUDENT_ONNX
 MIN_OPSET, MAX_OPSET = 17, 21  # 17: LayerNormalization is one op; 21: the newest both exporters write
 COMPARE_SAMPLES = 4  # calibration observations (or example inputs) the ORT-vs-torch check runs
 
@@ -153,9 +151,31 @@ def export_policy(
 
 def _export_proto(policy: Policy, *, opset: int, batch_size: int, dynamo: bool, scratch: Path):
     example = policy.spec.example_inputs(batch=batch_size, seed=0)
-    args = tuple(example[k] for k in INPUT_NAMES)
-    return _run_exporter(policy.module.eval(), args, INPUT_NAMES, OUTPUT_NAMES, opset=opset, dynamo=dynamo,
-                         scratch=scratch, what=f"the {policy.family} policy")
+    names = policy.spec.input_names
+    args = tuple(example[k] for k in names)
+    model = _run_exporter(policy.module.eval(), args, names, OUTPUT_NAMES, opset=opset, dynamo=dynamo,
+                          scratch=scratch, what=f"the {policy.family} policy")
+    _pin_output_shapes(model, policy.module, args)
+    return model
+
+
+def _pin_output_shapes(model, module, args: tuple) -> None:
+    """Write the outputs' static shapes into the graph. The TorchScript exporter leaves output
+    dims it derived through reshapes symbolic, although every shape is fixed by the static inputs
+    (TensorRT's profile and the readiness check want them written)."""
+    import torch
+
+    with torch.no_grad():
+        out = module(*args)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    for o, t in zip(model.graph.output, outs, strict=True):
+        dims = o.type.tensor_type.shape.dim
+        if len(dims) != t.dim():
+            continue
+        for d, n in zip(dims, t.shape):
+            if not d.HasField("dim_value") or d.dim_value != n:
+                d.Clear()
+                d.dim_value = int(n)
 
 
 def _run_exporter(module, args: tuple, input_names, output_names, *, opset: int, dynamo: bool, scratch: Path,
@@ -518,55 +538,8 @@ def _tensor_nbytes(t) -> int:
     return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
 
-def onnx_files(path: Path) -> list[Path]:
-    """The graph file and its external data file, if any."""
-    data = path.with_name(path.name + ".data")
-    return [path, data] if data.exists() else [path]
-
-
-def sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Split export: System 2 and one System 1 step as two graphs
-
-
-def _part_module(module, method: str):
-    """A module whose children are ``module``'s and whose forward is ``module.<method>``: exported
-    node names stay ``/vision/...``, ``/expert/...`` as in the single graph (quantiser excludes and
-    reports name nodes the same way). The method may use only the module's children."""
-    import torch
-
-    class Part(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            for name, child in module.named_children():
-                self.add_module(name, child)
-
-        def forward(self, *args):
-            return getattr(type(module), method)(self, *args)
-
-    return Part().eval()
-
-
-def split_stats(module) -> dict[str, list[float]]:
-    """The normalisation statistics the split runner applies outside the graphs."""
-    names = ("state_mean", "state_std", "action_mean", "action_std")
-    missing = [n for n in names if not hasattr(module, n)]
-    if missing or not all(hasattr(module, m) for m in ("prefix", "velocity")):
-        raise ExportError(
-            f"the policy module has no prefix()/velocity() methods or no {missing} buffers: it cannot be split "
-            "into System 2 and System 1 graphs",
-            source="export",
-            hint="set export.split = false for this family",
-        )
-    return {n: [float(v) for v in getattr(module, n).detach().cpu().float().reshape(-1)] for n in names}
 
 
 def _export_part(part, args: tuple, names: tuple, outputs: tuple, path: Path, *, opset: int, dynamo: bool,
@@ -575,12 +548,27 @@ def _export_part(part, args: tuple, names: tuple, outputs: tuple, path: Path, *,
 
     model = _run_exporter(part, args, names, outputs, opset=opset, dynamo=dynamo, scratch=path.parent,
                           what=path.stem, also="or set export.split = false")
+    _pin_output_shapes(model, part, args)
     normalize_graph(model, exporter="dynamo" if dynamo else "torchscript", module=part)
     save_onnx(model, path, external_data_threshold_mb=external_data_threshold_mb)
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}", source=path) from None
+
+
+def apply_ops(x, ops: list[dict[str, Any]]):
+    """The split plan's elementwise ops on a torch tensor or numpy array, in float32, in order."""
+    import torch
+
+    for op in ops:
+        if op["op"] == "slice":
+            x = x[..., : op["stop"]]
+            continue
+        v = op["value"]
+        v = torch.tensor(v, dtype=torch.float32) if isinstance(x, torch.Tensor) else np.asarray(v, dtype=np.float32)
+        x = {"add": lambda a: a + v, "sub": lambda a: a - v, "mul": lambda a: a * v, "div": lambda a: a / v}[op["op"]](x)
+    return x
 
 
 def export_split(
@@ -592,22 +580,19 @@ def export_split(
     batch_size: int = 1,
     external_data_threshold_mb: float = 1024,
 ) -> dict[str, Any]:
-    """Write ``system2.onnx``, ``system1.onnx`` and ``split.json`` into ``out_dir``.
-
-    system2: images uint8 [B, cams, 3, H, W], tokens int64 [B, L] -> prefix [B, T, W] and
-    prefix_mask (additive, as the family's velocity() reads it: [B, 1, 1, T] for the reference family).
-    system1: one velocity evaluation x_t [B, H, A], t [B], state_n [B, S] (normalised state),
-    prefix, prefix_mask -> velocity [B, H, A].
-    The runner normalises the state, integrates K Euler steps (x += v / K at t = i / K) and
-    un-normalises the actions in numpy, with the statistics ``split.json`` records. Static shapes
-    at ``batch_size``. Returns what the export record stores.
-    """
+    """Write ``system2.onnx``, ``system1.onnx`` and ``split.json`` into ``out_dir`` from the family's
+    ``SplitPlan``: System 2 once per chunk (what it hands System 1: prefix features, or per-layer
+    K/V), one System 1 velocity step, and the glue (derived inputs, the integrator, the action
+    post-processing) as data for one generic runner (``vlacompile.backends.split``). Static shapes
+    at ``batch_size``. Returns what the export record stores."""
+    import onnx
     import torch
+
+    from vlacompile.families import get_family
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = policy.module.eval()
-    stats = split_stats(module)
     quantized = is_fake_quantized(module)
     use_dynamo = (not quantized) if dynamo is None else dynamo
     if use_dynamo and quantized:
@@ -615,42 +600,54 @@ def export_split(
             "a modelopt fake-quant model cannot be exported with the dynamo exporter",
             source="export", hint="set dynamo = false (or leave it unset) in the export stage",
         )
+    family = get_family(policy.family)
+    if family is None:
+        raise ExportError(f"policy family {policy.family!r} is not registered: it has no split plan", source="export",
+                          hint="set export.split = false for this policy")
+    try:
+        plan = family.split_plan(policy)
+    except NotImplementedError as e:
+        raise ExportError(f"the {policy.family} policy cannot be split into System 2 and System 1 graphs: {e}",
+                          source="export", hint="set export.split = false for this policy") from None
     ex = policy.spec.example_inputs(batch=batch_size, seed=0)
+    values: dict[str, Any] = dict(ex)
+    for d in plan.derived:
+        values[d["output"]] = apply_ops(values[d["input"]], d["ops"])
     with torch.no_grad():
-        prefix, prefix_mask = module.prefix(ex["images"], ex["tokens"])
-        state_n = module.normalize_state(ex["state"]) if hasattr(module, "normalize_state") else ex["state"]
-    t = torch.zeros(batch_size)
+        carry = plan.system2(*[values[n] for n in plan.system2_inputs])
+    carry = carry if isinstance(carry, tuple) else (carry,)
+    values.update(zip(plan.system2_outputs, carry, strict=True))
+    integ = plan.integrator
+    values[integ["x"]] = values[integ["init"]]
+    values[integ["t"]] = torch.full((batch_size,), float(integ["times"][0]))
     parts = {
-        "system2": ("prefix", (ex["images"], ex["tokens"]), SYSTEM2_INPUTS, SYSTEM2_OUTPUTS),
-        "system1": ("velocity", (ex["noise"], t, state_n, prefix, prefix_mask), SYSTEM1_INPUTS, SYSTEM1_OUTPUTS),
+        "system2": (plan.system2, tuple(values[n] for n in plan.system2_inputs), plan.system2_inputs, plan.system2_outputs),
+        "system1": (plan.system1, tuple(values[n] for n in plan.system1_inputs), plan.system1_inputs, plan.system1_outputs),
     }
     manifest: dict[str, Any] = {
-        "format": 1,
         "family": policy.family,
         "batch_size": batch_size,
-        "flow_steps": policy.spec.flow_steps,
-        "integration": "euler: x_0 = noise; x += velocity(x, t=i/K) / K for i in 0..K-1; actions = x * action_std + action_mean",
-        **stats,
+        "flow_steps": len(integ["times"]),
+        "inputs": list(policy.spec.input_names),
+        "derived": plan.derived,
+        "integrator": integ,
+        "post": plan.post,
     }
     files: list[Path] = []
     nodes: dict[str, int] = {}
-    import onnx
-
-    for part, (method, args, names, outputs) in parts.items():
+    for part, (mod, args, names, outputs) in parts.items():
         path = out_dir / SPLIT_NAMES[part]
-        _export_part(
-            _part_module(module, method), args, names, outputs, path, opset=opset, dynamo=use_dynamo,
-            external_data_threshold_mb=external_data_threshold_mb,
-        )
+        _export_part(mod, args, names, outputs, path, opset=opset, dynamo=use_dynamo, external_data_threshold_mb=external_data_threshold_mb)
         graph = onnx.load(str(path), load_external_data=False).graph
         nodes[part] = len(graph.node)
         manifest[part] = {
             "onnx": path.name,
             "inputs": {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input},
             "outputs": {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output},
+            "output_names": [o.name for o in graph.output],  # the order the runtime returns them in
         }
         files += onnx_files(path)
-    (out_dir / SPLIT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_split_manifest(out_dir, manifest)
     return {
         "onnx": [SPLIT_NAMES["system2"], SPLIT_NAMES["system1"]],
         "manifest": SPLIT_JSON,
@@ -675,7 +672,7 @@ def unsupported_domains(path: Path) -> list[str]:
     return sorted({n.domain for n in model.graph.node} - known)
 
 
-def _torch_runner(module, example: dict[str, np.ndarray]):
+def _torch_runner(module, example: dict[str, np.ndarray], names: tuple[str, ...]):
     """A polygraphy runner around a CPU torch module (polygraphy's PytRunner moves inputs to CUDA)."""
     import torch
     from polygraphy.backend.base import BaseRunner
@@ -693,14 +690,14 @@ def _torch_runner(module, example: dict[str, np.ndarray]):
 
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
-            for k in INPUT_NAMES:
+            for k in names:
                 meta.add(k, example[k].dtype, example[k].shape)
             return meta
 
         def infer_impl(self, feed_dict):
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = module(*[torch.from_numpy(np.ascontiguousarray(feed_dict[k])) for k in INPUT_NAMES])
+                out = module(*[torch.from_numpy(np.ascontiguousarray(feed_dict[k])) for k in names])
             self.inference_time = time.perf_counter() - t0
             return OrderedDict([(OUTPUT_NAMES[0], out.numpy())])
 
@@ -708,7 +705,7 @@ def _torch_runner(module, example: dict[str, np.ndarray]):
 
 
 def compare_with_torch(
-    path: Path, module, feeds: list[dict[str, np.ndarray]], *, atol: float, rtol: float
+    path: Path, module, feeds: list[dict[str, np.ndarray]], *, atol: float, rtol: float, names: tuple[str, ...] | None = None
 ) -> dict[str, Any]:
     """Run the ONNX graph (ORT, CPU) and the torch module on ``feeds`` with polygraphy's Comparator.
 
@@ -728,7 +725,8 @@ def compare_with_torch(
 
     try:
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # the verdict and numbers are reported by the caller
-            runners = [OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])), _torch_runner(module, feeds[0])]
+            names = tuple(names or feeds[0])
+            runners = [OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])), _torch_runner(module, feeds[0], names)]
             results = Comparator.run(runners, data_loader=feeds)
             accuracy = Comparator.compare_accuracy(results, compare_func=simple(atol=atol, rtol=rtol))
     except Exception as e:
@@ -759,7 +757,7 @@ def comparison_feeds(policy: Policy, ctx: BuildContext | None, batch_size: int, 
         from vlacompile.quantizers import sample_inputs
 
         inputs = sample_inputs(policy.spec, ctx.calibration, n * batch_size, seed=ctx.seed)
-        m = len(inputs["state"]) // batch_size * batch_size
+        m = len(next(iter(inputs.values()))) // batch_size * batch_size
         if m:
             return [{k: v[i : i + batch_size] for k, v in inputs.items()} for i in range(0, m, batch_size)], "calibration episodes"
     feeds = [{k: v.numpy() for k, v in policy.spec.example_inputs(batch=batch_size, seed=s).items()} for s in range(n)]
@@ -811,7 +809,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
     else:
         feeds, feeds_from = comparison_feeds(policy, ctx, params.batch_size)
         tol = params.max_abs_diff
-        cmp = compare_with_torch(path, policy.module, feeds, atol=tol, rtol=tol)
+        cmp = compare_with_torch(path, policy.module, feeds, atol=tol, rtol=tol, names=policy.spec.input_names)
         record.update(
             compared_against="torch fake-quant" if quantized else "torch fp32",
             comparison_inputs=f"{len(feeds)} x batch {params.batch_size} from {feeds_from}",
@@ -848,6 +846,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
         precision=artifact.precision,
         quantized_torch=artifact.quantized_torch,
         records=[*artifact.records, record],
+        extra_files=tuple(split_files(ctx.workdir)) if params.split else (),
     )
 
 
@@ -871,7 +870,7 @@ def _split_and_check(policy: Policy, params: Params, ctx: BuildContext, *, quant
     runner = SplitRunner(ctx.workdir, policy.spec)
     got = np.concatenate([runner.run(f) for f in feeds]).astype(np.float64)
     with torch.inference_mode():
-        want = np.concatenate([policy.module(*[torch.from_numpy(np.ascontiguousarray(f[k])) for k in INPUT_NAMES]).numpy() for f in feeds])
+        want = np.concatenate([policy.run_feeds(f).numpy() for f in feeds])
     d = got - want
     tol = params.max_abs_diff
     info.update(

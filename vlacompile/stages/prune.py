@@ -1,18 +1,21 @@
 """prune: structured pruning that really removes parameters, ranked by activation importance.
 
+What may be removed is the family's: its ``prune_groups`` (``vlacompile.families.base``) name the
+MLP channels, attention heads and blocks of each part and where their importance is read.
 Importance is measured on calibration episodes (Minitron-style, forward hooks, seeded noise):
 
-* MLP channel   mean |GELU(fc1 x)| over every token the channel sees;
-* attention head  mean L2 norm of the head's output before ``proj`` (self- and cross-attention);
+* MLP channel   mean |activation| of the channel's hidden unit over every token it sees;
+* attention head  mean L2 norm of the head's output before the output projection (self- and
+                cross-attention heads of a block are cut to the same count);
 * block         influence 1 - cos(block input, block output), averaged over tokens.
 
-The least important heads, channels and (optionally) whole blocks are sliced out of the weights:
-the result is a smaller model of the same family whose per-layer config (heads, MLP width, depth)
+The least important heads, channels and (optionally) whole blocks are sliced out of the weights
+by the family (``restructure``): the result is a smaller model of the same family whose config
 says what is left, so it saves, loads and exports like any other. A short distillation against the
 teacher (``recovery_steps``) then wins back most of the lost accuracy.
 
-``measure_importance`` and ``restructure`` are shared with the distill stage, which uses them to
-build its student from the teacher's weights.
+``measure_importance`` and ``top_k`` are shared with the distill stage, which ranks MLP channels
+with them when it narrows the student.
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ from torch import nn
 from vlacompile.errors import ConfigError, EpisodeError
 from vlacompile.policy import Policy
 from vlacompile.stages import Artifact, BuildContext, Kind
-from vlacompile.training import MatchSettings, model_inputs, seeded_noise, train_to_match
+from vlacompile.training import MatchSettings, call, model_inputs, seeded_noise, train_to_match
 
-PARTS = ("vision", "backbone", "expert")
+PARTS = ("vision", "backbone", "expert")  # the part names every family's layer groups use
 RECOVERY_SAMPLES = 1024  # observations drawn from the training episodes for recovery distillation
 
 
@@ -38,7 +41,7 @@ class Params:
     heads_ratio: float = 0.0  # fraction of attention heads removed in every pruned layer
     mlp_ratio: float = 0.0  # fraction of MLP channels removed in every pruned layer
     drop_layers: int = 0  # whole blocks removed from each pruned part (lowest block influence)
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] = PARTS  # of the family's parts; a family may offer fewer groups in some
     calibration_samples: int = 128
     recovery_steps: int = 200  # distillation steps against the teacher after pruning; 0 skips
     recovery_lr: float = 5e-4
@@ -87,10 +90,6 @@ class Importance:
     layers: dict[str, torch.Tensor] = field(default_factory=dict)  # part -> [depth] 1 - cos(in, out)
 
 
-def blocks_of(module: nn.Module, part: str) -> nn.ModuleList:
-    return getattr(module, part).blocks
-
-
 class _Mean:
     """A running mean of per-channel statistics over calls of different token counts."""
 
@@ -118,139 +117,75 @@ def measure_importance(
     what: tuple[str, ...] = ("mlp", "heads", "layers"),
     batch_size: int = 32,
 ) -> Importance:
-    """Run the policy on ``samples`` with hooks on the blocks of ``parts`` and average activations."""
+    """Run the policy on ``samples`` with hooks at its family's probes in ``parts`` and average activations."""
+    from vlacompile.families import get_family
+
     module = policy.module
+    groups = get_family(policy.family).prune_groups(policy, parts, what)
     stats: dict[tuple[str, str, int], _Mean] = {}
     handles = []
-
-    def track(kind: str, part: str, i: int) -> _Mean:
-        return stats.setdefault((kind, part, i), _Mean())
-
-    for part in parts:
-        for i, blk in enumerate(blocks_of(module, part)):
-            if "mlp" in what:
-                acc = track("mlp", part, i)
-                handles.append(blk.mlp.act.register_forward_hook(lambda m, a, out, acc=acc: acc.add(out.abs())))
-            if "heads" in what:
-                for kind, attn in (("attn", blk.attn), ("cross", blk.cross)):
-                    if attn is None:
-                        continue
-                    acc = track(kind, part, i)
-
-                    def head_norms(m, args, acc=acc, h=attn.num_heads, d=attn.head_dim):
-                        x = args[0]
-                        acc.add(x.reshape(*x.shape[:-1], h, d).norm(dim=-1))
-
-                    handles.append(attn.proj.register_forward_pre_hook(head_norms))
-            if "layers" in what:
-                acc = track("layer", part, i)
-
-                def influence(m, args, out, acc=acc):
-                    cos = torch.nn.functional.cosine_similarity(args[0], out, dim=-1)
-                    acc.add((1.0 - cos)[..., None])
-
-                handles.append(blk.register_forward_hook(influence))
+    for g in groups:
+        for k, probe in enumerate(g.probes):
+            layer = k if g.kind == "layer" else g.layer
+            acc = stats.setdefault((probe.member, g.part, layer), _Mean())
+            handles.append(_attach(module.get_submodule(probe.module), probe, acc))
 
     inputs = model_inputs(policy, samples)
     n = len(samples)
-    noise = seeded_noise((n, policy.spec.chunk_size, policy.spec.action_dim), seed)
+    noise = seeded_noise((n, *policy.spec.noise_shape), seed)
     was_training = module.training
     module.eval()
     try:
         for s in range(0, n, batch_size):
             b = slice(s, s + batch_size)
-            module(inputs["images"][b], inputs["state"][b], inputs["tokens"][b], noise[b])
+            call(module, policy.spec, {k: v[b] for k, v in inputs.items()}, noise[b])
     finally:
         for h in handles:
             h.remove()
         module.train(was_training)
 
     imp = Importance()
-    for (kind, part, i), acc in sorted(stats.items()):
-        if kind == "mlp":
+    for (member, part, i), acc in sorted(stats.items()):
+        if member == "mlp":
             imp.mlp[(part, i)] = acc.value()
-        elif kind == "attn":
+        elif member == "attn":
             imp.attn_heads[(part, i)] = acc.value()
-        elif kind == "cross":
+        elif member == "cross":
             imp.cross_heads[(part, i)] = acc.value()
-    for part in parts:
-        if "layers" in what:
-            imp.layers[part] = torch.cat([stats[("layer", part, i)].value() for i in range(len(blocks_of(module, part)))])
+    for g in groups:
+        if g.kind == "layer":
+            imp.layers[g.part] = torch.cat([stats[("block", g.part, i)].value() for i in range(g.units)])
     return imp
+
+
+def _attach(target: nn.Module, probe, acc: "_Mean"):
+    """A hook at ``target`` adding ``probe``'s statistic to ``acc``."""
+    if probe.stat == "abs":
+        if probe.hook == "output":
+            return target.register_forward_hook(lambda m, a, out: acc.add(out.abs()))
+        return target.register_forward_pre_hook(lambda m, args: acc.add(args[0].abs()))
+    if probe.stat == "head_norm":
+        h, d = probe.heads, probe.head_dim
+
+        def head_norms(x):
+            acc.add(x.reshape(*x.shape[:-1], h, d).norm(dim=-1))
+
+        if probe.hook == "output":
+            return target.register_forward_hook(lambda m, a, out: head_norms(out))
+        return target.register_forward_pre_hook(lambda m, args: head_norms(args[0]))
+    if probe.stat == "influence":
+        def influence(m, args, out):
+            y = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(args[0], y, dim=-1)
+            acc.add((1.0 - cos)[..., None])
+
+        return target.register_forward_hook(influence)
+    raise ValueError(f"unknown probe statistic {probe.stat!r}")
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores, in their original order (keeps the weights' layout)."""
     return torch.topk(scores, k, sorted=False).indices.sort().values
-
-
-# ---------------------------------------------------------------------------------------------
-# Slicing
-
-
-def _slice_tensor(rest: str, t: torch.Tensor, heads: int, head_dim: int, keep: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Slice one tensor of a block (``rest`` is its name inside the block) to the kept heads/channels."""
-    attn = keep.get("attn")
-    cross = keep.get("cross")
-    mlp = keep.get("mlp")
-    # Fused projections lay their output rows out as [n_proj, heads, head_dim].
-    if attn is not None and rest in ("attn.qkv.weight", "attn.qkv.bias"):
-        return t.reshape(3, heads, head_dim, *t.shape[1:])[:, attn].reshape(-1, *t.shape[1:])
-    if cross is not None and rest in ("cross.kv.weight", "cross.kv.bias"):
-        return t.reshape(2, heads, head_dim, *t.shape[1:])[:, cross].reshape(-1, *t.shape[1:])
-    if cross is not None and rest in ("cross.q.weight", "cross.q.bias"):
-        return t.reshape(heads, head_dim, *t.shape[1:])[cross].reshape(-1, *t.shape[1:])
-    for name, idx in (("attn", attn), ("cross", cross)):
-        if idx is not None and rest == f"{name}.proj.weight":
-            return t.reshape(t.shape[0], heads, head_dim)[:, idx].reshape(t.shape[0], -1)
-    if mlp is not None and rest in ("mlp.fc1.weight", "mlp.fc1.bias"):
-        return t[mlp]
-    if mlp is not None and rest == "mlp.fc2.weight":
-        return t[:, mlp]
-    return t
-
-
-def restructure(
-    source: Policy,
-    config: Any,
-    *,
-    layers: dict[str, list[int]] | None = None,
-    keep: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None,
-) -> Policy:
-    """A new policy with ``config`` whose weights are sliced from ``source``.
-
-    ``layers[part]`` lists the source blocks the new model keeps (all when absent);
-    ``keep[(part, new_layer)]`` maps "attn" / "cross" / "mlp" to the kept head or channel indices
-    of that block (all when absent). ``config`` must describe the result (heads, widths, depth).
-    """
-    from vlacompile.checkpoint import new_policy
-    from vlacompile.families import get_family
-
-    layers = layers or {}
-    keep = keep or {}
-    src_cfg = source.config
-    src_state = source.module.state_dict()
-    target = new_policy(config, source.family)
-    new_state = {}
-    for name, ref in target.module.state_dict().items():
-        part, _, rest = name.partition(".")
-        if part in PARTS and rest.startswith("blocks."):
-            i_str, _, rest = rest[len("blocks.") :].partition(".")
-            i = int(i_str)
-            j = layers[part][i] if part in layers else i
-            t = src_state[f"{part}.blocks.{j}.{rest}"]
-            t = _slice_tensor(rest, t, getattr(src_cfg, f"{part}_heads")[j], src_cfg.head_dim, keep.get((part, i), {}))
-        else:
-            t = src_state[name]
-        if t.shape != ref.shape:
-            raise ValueError(f"{name}: sliced shape {tuple(t.shape)} does not match the new config's {tuple(ref.shape)}")
-        new_state[name] = t.detach().clone()
-    target.module.load_state_dict(new_state)
-    target.module.eval()
-    # The spec carries the normalisation statistics, which only exist once the weights are in.
-    target.spec = get_family(source.family).spec_of(target.module)
-    target.meta = {"derived_from": source.meta.get("weights_sha256") or source.meta.get("derived_from")}
-    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,15 +196,21 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def plan(config: Any, imp: Importance, params: Params) -> tuple[Any, dict[str, list[int]], dict]:
+def plan(policy: Policy, imp: Importance, params: Params) -> tuple[Any, dict[str, list[int]], dict]:
     """(pruned config, kept layers per part, kept heads/channels per new layer) from importance."""
+    from vlacompile.families import get_family
+
+    family = get_family(policy.family)
+    config = policy.config
+    depths = family.depths(config)
+    what = ("mlp", "heads", "layers")
+    groups = {(g.kind, g.part, g.layer): g for g in family.prune_groups(policy, params.parts, what)}
     layers: dict[str, list[int]] = {}
     keep: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-    changes: dict[str, tuple[int, ...]] = {}
+    heads_after: dict[str, list[int | None]] = {}
+    mlp_after: dict[str, list[int | None]] = {}
     for part in params.parts:
-        heads = getattr(config, f"{part}_heads")
-        mlp = getattr(config, f"{part}_mlp")
-        depth = len(heads)
+        depth = depths[part]
         if params.drop_layers >= depth:
             raise ConfigError(
                 f"prune.drop_layers={params.drop_layers} would remove every block of the {part} "
@@ -277,35 +218,41 @@ def plan(config: Any, imp: Importance, params: Params) -> tuple[Any, dict[str, l
                 source="prune.drop_layers",
                 hint=f"drop at most {depth - 1} layers, or leave '{part}' out of prune.parts",
             )
-        kept = sorted(range(depth))
+        kept = list(range(depth))
         if params.drop_layers:
+            if ("layer", part, -1) not in groups:
+                raise ConfigError(
+                    f"prune.drop_layers: the {family.label} family cannot drop whole {part} layers",
+                    source="prune.drop_layers", hint=f"leave '{part}' out of prune.parts, or choose its layers in distill",
+                )
             kept = top_k(imp.layers[part], depth - params.drop_layers).tolist()
         layers[part] = kept
-        new_heads, new_mlp = [], []
+        heads_after[part], mlp_after[part] = [], []
         for new_i, j in enumerate(kept):
-            h = max(1, heads[j] - _round_half_up(heads[j] * params.heads_ratio))
-            m = max(1, mlp[j] - _round_half_up(mlp[j] * params.mlp_ratio))
             block_keep = {}
-            if h < heads[j]:
-                block_keep["attn"] = top_k(imp.attn_heads[(part, j)], h)
-                if (part, j) in imp.cross_heads:
-                    block_keep["cross"] = top_k(imp.cross_heads[(part, j)], h)
-            if m < mlp[j]:
-                block_keep["mlp"] = top_k(imp.mlp[(part, j)], m)
+            h = m = None
+            if (g := groups.get(("heads", part, j))) is not None:
+                h = max(1, g.units - _round_half_up(g.units * params.heads_ratio))
+                if h < g.units:
+                    for probe in g.probes:
+                        scores = imp.attn_heads if probe.member == "attn" else imp.cross_heads
+                        block_keep[probe.member] = top_k(scores[(part, j)], h)
+            if (g := groups.get(("mlp", part, j))) is not None:
+                m = max(1, g.units - _round_half_up(g.units * params.mlp_ratio))
+                if m < g.units:
+                    block_keep["mlp"] = top_k(imp.mlp[(part, j)], m)
             keep[(part, new_i)] = block_keep
-            new_heads.append(h)
-            new_mlp.append(m)
-        changes[f"{part}_heads"] = tuple(new_heads)
-        changes[f"{part}_mlp"] = tuple(new_mlp)
-    return replace(config, **changes), layers, keep
+            heads_after[part].append(h)
+            mlp_after[part].append(m)
+    return family.pruned_config(config, layers, heads_after, mlp_after), layers, keep
 
 
-def _attention_heads(config: Any) -> int:
-    return sum(sum(getattr(config, f"{p}_heads")) for p in PARTS)
+def _count(policy: Policy, kind: str) -> int:
+    """Attention heads or MLP channels of every prunable group of the policy."""
+    from vlacompile.families import get_family
 
-
-def _mlp_channels(config: Any) -> int:
-    return sum(sum(getattr(config, f"{p}_mlp")) for p in PARTS)
+    family = get_family(policy.family)
+    return sum(g.units for g in family.prune_groups(policy, family.parts, (kind,)))
 
 
 def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
@@ -320,6 +267,13 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
             source="recipe stage prune",
             hint="put prune before quantize in the recipe",
         )
+    from vlacompile.families import get_family
+
+    family = get_family(source.family)
+    unknown = [p for p in params.parts if p not in family.parts]
+    if unknown:
+        raise ConfigError(f"prune.parts names {unknown}; the {family.label} family has parts {list(family.parts)}",
+                          source="recipe stage prune")
     cfg = source.config
     nothing_to_remove = params.heads_ratio == 0 and params.mlp_ratio == 0 and params.drop_layers == 0
     if nothing_to_remove:
@@ -330,12 +284,13 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
             raise EpisodeError("prune needs calibration episodes to rank heads and channels", source="prune")
         calib = draw_stratified(episodes, params.calibration_samples, chunk_size=source.spec.chunk_size, seed=ctx.seed)
         imp = measure_importance(source, calib, seed=ctx.seed, parts=params.parts)
-    new_cfg, layers, keep = plan(cfg, imp, params)
-    pruned = restructure(source, new_cfg, layers=layers, keep=keep)
+    new_cfg, layers, keep = plan(source, imp, params)
+    pruned = family.restructure(source, new_cfg, layers=layers, keep=keep)
+    heads = (_count(source, "heads"), _count(pruned, "heads"))
+    channels = (_count(source, "mlp"), _count(pruned, "mlp"))
     ctx.log(
         f"prune: {source.num_parameters() / 1e6:.2f}M -> {pruned.num_parameters() / 1e6:.2f}M params "
-        f"(heads {_attention_heads(cfg)} -> {_attention_heads(new_cfg)}, "
-        f"MLP channels {_mlp_channels(cfg)} -> {_mlp_channels(new_cfg)})"
+        f"(heads {heads[0]} -> {heads[1]}, MLP channels {channels[0]} -> {channels[1]})"
     )
 
     recovery: dict[str, Any] = {}
@@ -353,9 +308,9 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
         "params_before": source.num_parameters(),
         "params_after": pruned.num_parameters(),
         "removed": {
-            "attention_heads": _attention_heads(cfg) - _attention_heads(new_cfg),
-            "mlp_channels": _mlp_channels(cfg) - _mlp_channels(new_cfg),
-            "layers": {p: sorted(set(range(len(getattr(cfg, f"{p}_heads")))) - set(layers[p])) for p in params.parts},
+            "attention_heads": heads[0] - heads[1],
+            "mlp_channels": channels[0] - channels[1],
+            "layers": {p: sorted(set(range(family.depths(cfg)[p])) - set(layers[p])) for p in params.parts},
         },
         "recovery_final_loss": recovery.get("final_loss"),
         "recovery_loss_curve": recovery.get("loss_curve", []),

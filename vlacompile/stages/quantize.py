@@ -22,8 +22,9 @@ from the FP32 graph with a builder flag; the stage records the precision for the
   TensorRT). Its graph uses TensorRT-only ops, so export cannot compare it with ORT on a host
   without TensorRT: that check happens when the engine is built.
 
-Default exclusions keep the state/action projections and the patch embedding in higher precision:
-most of the INT8 error measured here came from the state embedding feeding the read-out token, and
+Default exclusions come from the family (``Family.default_quant_excludes``): they keep the
+state/action projections and the patch embedding in higher precision. Most of the INT8 error
+measured on the reference family came from the state embedding feeding the read-out token, and
 from the attention matmuls, which are left unquantised unless ``quantize_attention``.
 """
 from __future__ import annotations
@@ -34,13 +35,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlacompile.errors import ConfigError, EpisodeError
-from vlacompile.policy import INPUT_NAMES, Policy
+from vlacompile.policy import Policy
 from vlacompile.stages import Artifact, BuildContext, Kind
 
 Precision = Literal["int8", "int4", "fp8", "fp16"]
 Method = Literal["auto", "ort-dynamic", "ort-static", "ort-int4", "modelopt"]
 
-DEFAULT_EXCLUDE = ("expert.state_in", "expert.action_in", "expert.action_out", "vision.patch_embed")
 METHOD_PRECISIONS = {
     "ort-dynamic": ("int8",),
     "ort-static": ("int8",),
@@ -55,8 +55,9 @@ class Params:
     precision: Precision = "int8"
     method: Method = "auto"
     # Torch module names (a name covers its submodules; globs allowed) or ONNX node-name substrings
-    # kept in higher precision.
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    # kept in higher precision. None: the family's defaults (its input/output projections, the patch
+    # embedding: where most INT8 error was measured).
+    exclude: tuple[str, ...] | None = None
     quantize_attention: bool = False  # also quantise the activation x activation attention MatMuls
     calibration_samples: int = 64
     block_size: int = 32  # INT4 weight-only block size (along the input dimension)
@@ -145,7 +146,7 @@ def check(params: Params, target, source: str = "recipe") -> None:
             source=source,
             hint="32 or 64 for small models, 128 for large ones",
         )
-    bad = [p for p in params.exclude if not isinstance(p, str) or not p.strip()]
+    bad = [p for p in (params.exclude or ()) if not isinstance(p, str) or not p.strip()]
     if bad:
         raise ConfigError(f"quantize.exclude holds empty names {bad}", source=source)
 
@@ -163,7 +164,7 @@ def _calibration(policy: Policy, ctx: BuildContext, n: int, method: str) -> dict
 
 
 def _file_bytes(path: Path) -> int:
-    from vlacompile.stages.export import onnx_files
+    from vlacompile.artifact import onnx_files
 
     return sum(p.stat().st_size for p in onnx_files(path))
 
@@ -181,6 +182,12 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
             hint="use one quantize stage per recipe",
         )
     consumes, _ = kinds(params, ctx.target)
+    if params.exclude is None:
+        from dataclasses import replace
+
+        from vlacompile.families import get_family
+
+        params = replace(params, exclude=get_family(artifact.policy.family).default_quant_excludes(artifact.policy.config))
     if consumes != artifact.kind:
         raise ConfigError(
             f"quantize method {method!r} needs a {consumes} model but gets a {artifact.kind} one",
@@ -190,7 +197,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
     record: dict[str, Any] = {"stage": "quantize", "params": to_dict(params), "precision": params.precision, "method": method}
     out = Artifact(
         policy=artifact.policy, onnx_path=artifact.onnx_path, precision=params.precision,
-        quantized_torch=artifact.quantized_torch, records=list(artifact.records),
+        quantized_torch=artifact.quantized_torch, records=list(artifact.records), extra_files=artifact.extra_files,
     )
 
     if params.precision == "fp16":
@@ -205,13 +212,15 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
 
         policy = artifact.policy
         calib = _calibration(policy, ctx, params.calibration_samples, method)
-        n = len(calib["state"])
+        n = len(next(iter(calib.values())))
+
+        names = policy.spec.input_names
 
         def forward_loop(module):
             import torch
 
             for i in range(0, n, CALIBRATION_BATCH):
-                module(*[torch.from_numpy(calib[k][i : i + CALIBRATION_BATCH]) for k in INPUT_NAMES])
+                module(*[torch.from_numpy(calib[k][i : i + CALIBRATION_BATCH]) for k in names])
 
         ctx.log(f"quantize: modelopt {params.precision}, calibrating on {n} observations")
         qmodule, info = quantize_module(

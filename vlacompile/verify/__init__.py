@@ -44,7 +44,7 @@ def _stride_for(held_out, max_samples: int) -> int | None:
 
 
 def _check_student_spec(teacher_spec, student_spec, onnx_path: Path) -> None:
-    same = ("cameras", "state_dim", "action_dim", "chunk_size", "max_tokens")
+    same = ("family", "cameras", "state_dim", "action_dim", "chunk_size", "max_tokens", "inputs")
     diff = [k for k in same if getattr(teacher_spec, k) != getattr(student_spec, k)]
     if diff:
         raise CheckpointError(
@@ -52,15 +52,6 @@ def _check_student_spec(teacher_spec, student_spec, onnx_path: Path) -> None:
             source=onnx_path,
             hint="compile the student from this teacher (only sizes and flow steps may change)",
         )
-
-
-def _observation(images: np.ndarray, state: np.ndarray, task: str, cameras) -> dict:
-    # As a camera driver delivers frames: one contiguous HxWx3 uint8 array per camera.
-    return {
-        "images": {c.name: np.ascontiguousarray(images[i].transpose(1, 2, 0)) for i, c in enumerate(cameras)},
-        "state": state.astype(np.float32),
-        "task": task,
-    }
 
 
 def _traces(samples, teacher_a, student_a, k: int = TRACES) -> list[dict]:
@@ -103,7 +94,7 @@ def _roofline(policy, precision: str, target, host) -> dict | None:
     family = get_family(policy.family)
     if family is None:
         return None
-    return estimate(family.flops_per_call(policy.config), policy_weight_bytes(policy), target, precision, host=host)
+    return estimate(family.flops(policy.config), policy_weight_bytes(policy), target, precision, host=host)
 
 
 @dataclass
@@ -116,6 +107,7 @@ class HeldOutInputs:
     observations: list[dict]  # raw observations for timing the whole get_action path
     noises: list[np.ndarray]
     stride: int | None
+    noise_name: str = "noise"
 
 
 def held_out_inputs(held_out, spec, *, max_samples: int = 256, seed: int = 0) -> HeldOutInputs:
@@ -137,15 +129,17 @@ def held_out_inputs(held_out, spec, *, max_samples: int = 256, seed: int = 0) ->
         samples = make_samples(held_out, chunk_size=spec.chunk_size, stride=stride)
     n = len(samples)
     model_in = samples.model_inputs(spec)
-    images = model_in["images"]
     rng = np.random.default_rng(seed)
-    shape = (n, spec.chunk_size, spec.action_dim)
+    shape = (n, *spec.noise_shape)
     noise = rng.standard_normal(shape, dtype=np.float32)
     noise2 = rng.standard_normal(shape, dtype=np.float32)
-    inputs = {**model_in, "noise": noise}
+    noise_name = next(i.name for i in spec.inputs if i.role == "noise")
+    inputs = {**model_in, noise_name: noise}
     k = min(n, LATENCY_OBSERVATIONS)
-    observations = [_observation(images[i], samples.state[i], samples.tasks[i], spec.cameras) for i in range(k)]
-    return HeldOutInputs(samples, inputs, noise2, observations, [noise[i] for i in range(k)], stride)
+    # As a camera driver delivers frames: one contiguous HxWx3 uint8 array per camera.
+    batch = samples.observations()
+    observations = [batch.row(i) for i in range(k)]
+    return HeldOutInputs(samples, inputs, noise2, observations, [noise[i] for i in range(k)], stride, noise_name)
 
 
 def _teacher_actions(teacher, runner, inputs: dict[str, np.ndarray], noise2: np.ndarray, cache, progress: bool, notes: list[str]):
@@ -164,8 +158,9 @@ def _teacher_actions(teacher, runner, inputs: dict[str, np.ndarray], noise2: np.
         if hit is not None:
             notes.append(f"the teacher's held-out actions were reused from the stage cache (key {key[:12]}); latency was measured again")
             return hit["a"], hit["b"]
+    noise_name = next(i.name for i in teacher.spec.inputs if i.role == "noise")
     a = runner.run_batched(inputs, BATCH, progress=progress, desc="teacher")
-    b = runner.run_batched({**inputs, "noise": noise2}, BATCH, progress=progress, desc="teacher (2nd noise)")
+    b = runner.run_batched({**inputs, noise_name: noise2}, BATCH, progress=progress, desc="teacher (2nd noise)")
     if key is not None:
         cache.put_arrays(key, "teacher-actions", {"a": a, "b": b})
     return a, b

@@ -48,9 +48,10 @@ def policy_weight_bytes(policy) -> dict[str, float]:
     for part, names in (("system2", policy.spec.system2), ("system1", policy.spec.system1)):
         total = 0
         for name in names:
-            module = getattr(policy.module, name, None)
-            if module is None:
-                raise ValueError(f"policy of family {policy.family!r} has no submodule {name!r} (spec.{part})")
+            try:
+                module = policy.module.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"policy of family {policy.family!r} has no submodule {name!r} (spec.{part})") from None
             total += sum(p.numel() for p in module.parameters())
         out[part] = 4.0 * total
     return out
@@ -135,7 +136,7 @@ def estimate(
 ) -> dict[str, Any]:
     """Lower bound on one chunk's latency, per part and in total, for ``target`` at ``precision``.
 
-    ``flops``: {"system2", "system1_per_step", "system1"} (a family's ``flops_per_call``).
+    ``flops``: {"system2", "system1_per_step", "system1"} (a family's ``flops``).
     ``weight_bytes``: {"system2", "system1"} FP32 bytes (``policy_weight_bytes``), rescaled here to
     ``precision``. ``host``: ``measure_host()``, required for a target without a bandwidth figure.
     """
