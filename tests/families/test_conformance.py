@@ -5,6 +5,7 @@ torch's counter. A new family adds its tiny policy to POLICIES and passes these 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +18,16 @@ from vlacompile.families import get_family, known_families, make_preprocessor
 from vlacompile.observation import ObservationBatch
 from vlacompile.stages.prune import top_k
 
+SMOLVLA = Path(__file__).parent / "smolvla" / "fixtures"
+
+
+def _smolvla(name: str = "two_cams_every3"):
+    return load_policy(SMOLVLA / name / "policy", tokenizer=SMOLVLA / name / "vlm")
+
+
 POLICIES = {
     "vlacompile-reference": lambda: make_tiny_policy(make_tiny_config(), make_tiny_episode_set()),
+    "smolvla": _smolvla,
 }
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # name -> module that defines FAMILY (a Family instance), imported on first use.
 _REGISTRY: dict[str, str] = {
     "vlacompile-reference": "vlacompile.families.reference.family",
+    "smolvla": "vlacompile.families.smolvla.family",
 }
 _LOADED: dict[str, "Family"] = {}
 

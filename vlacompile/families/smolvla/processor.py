@@ -1,0 +1,180 @@
+"""SmolVLA's processor: the SmolVLM2 tokenizer from a local directory, and observations -> inputs.
+
+What lerobot's ``policy_preprocessor.json`` does at inference, in its step order: rename
+observation keys (here: the policy reads the observation's own names, the rename map applied
+backwards), add the batch dimension, append "\\n" to the task (``smolvla_new_line_processor``),
+tokenize it (``tokenizer_processor``: max_length, padding side, truncation), and normalise
+(inside the graph, ``vlacompile.lerobot.normalize``). Images stay uint8 [3, H, W] per camera: the
+graph divides by 255, as lerobot's decoded frames are ``uint8 / 255``.
+
+The tokenizer is the ``tokenizers`` library on the directory's ``tokenizer.json`` (the fast
+tokenizer transformers itself runs, without transformers): the same ids, special tokens from the
+file's post-processor, truncation before the special tokens are added. A static graph pads to
+``max_length`` whatever the pipeline's ``padding`` says: padded tokens are masked out of attention
+and do not shift positions, so "longest" and "max_length" give the same actions.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vlacompile.errors import CheckpointError, EpisodeError
+from vlacompile.families.base import Preprocessor
+from vlacompile.observation import ObservationBatch
+from vlacompile.policy import PolicySpec
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def hub_cache_dirs() -> list[Path]:
+    """Where the Hugging Face hub cache keeps repositories (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub)."""
+    out = []
+    if os.environ.get("HF_HUB_CACHE"):
+        out.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        out.append(Path(os.environ["HF_HOME"]) / "hub")
+    out.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return out
+
+
+def find_in_hub_cache(repo_id: str) -> Path | None:
+    """The snapshot directory of ``repo_id`` in the local hub cache (refs/main's, else the newest), or None."""
+    if "/" not in repo_id:
+        return None
+    for cache in hub_cache_dirs():
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        snapshots = repo / "snapshots"
+        if not snapshots.is_dir():
+            continue
+        ref = repo / "refs" / "main"
+        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+            return snapshots / ref.read_text().strip()
+        candidates = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        if candidates:
+            return candidates[-1]
+    return None
+
+
+def resolve_vlm_dir(vlm_model_name: str, tokenizer: Path | None, ckpt: Path) -> Path:
+    """The directory holding the SmolVLM2 tokenizer and config: ``--tokenizer``, the copy a vlacompile
+    student carries (``vlm/``), ``vlm_model_name`` as a local path, or the hub cache. Never the network."""
+    tried = []
+    for cand in ([tokenizer] if tokenizer is not None else []) + [ckpt / "vlm", Path(vlm_model_name)]:
+        tried.append(str(cand))
+        if cand.is_dir() and (cand / TOKENIZER_FILE).is_file():
+            return cand
+        if cand is tokenizer:
+            missing = "does not exist" if not cand.is_dir() else f"has no {TOKENIZER_FILE}"
+            raise CheckpointError(f"the tokenizer directory {missing}", source=cand,
+                                  hint=f"pass --tokenizer with a local copy of {vlm_model_name} (tokenizer.json, tokenizer_config.json, config.json)")
+    cached = find_in_hub_cache(vlm_model_name)
+    if cached is not None and (cached / TOKENIZER_FILE).is_file():
+        return cached
+    raise CheckpointError(
+        f"no tokenizer for {vlm_model_name!r}: not a local directory, not in the Hugging Face cache ({', '.join(map(str, hub_cache_dirs()))})",
+        source=ckpt / "config.json",
+        hint=f"pass --tokenizer DIR with a local copy of {vlm_model_name} (tokenizer.json, tokenizer_config.json and its config.json); "
+        "vlacompile never downloads",
+    )
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_tokenizer_config(directory: Path) -> dict:
+    cfg = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+        path = directory / name
+        if path.is_file():
+            try:
+                cfg.update(json.loads(path.read_text()))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"not valid JSON ({e})", source=path, hint="restore the tokenizer files") from None
+    return cfg
+
+
+class TextTokenizer:
+    """``tokenizers`` on a tokenizer.json, called as lerobot's TokenizerProcessorStep calls transformers."""
+
+    def __init__(self, directory: Path, *, max_length: int, padding_side: str = "right", truncation: bool = True):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:  # a core dependency; a broken install says so
+            raise CheckpointError(f"the tokenizers package is missing ({e})", source="tokenizers", hint="pip install tokenizers") from None
+        path = Path(directory) / TOKENIZER_FILE
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exceptions for malformed files
+            raise CheckpointError(f"cannot be read as a tokenizer ({e})", source=path, hint="restore tokenizer.json from the model's files") from None
+        cfg = read_tokenizer_config(Path(directory))
+        self.max_length, self.padding_side, self.truncation = max_length, padding_side, truncation
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        if truncation:
+            self.tok.enable_truncation(max_length, direction=cfg.get("truncation_side", "right"))
+        pad = _token_content(cfg.get("pad_token"))
+        self.pad_id = self.tok.token_to_id(pad) if pad else None
+        if self.pad_id is None:
+            self.pad_id = 0
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.extra_tokens = {k: _token_content(v) for k, v in (cfg.get("extra_special_tokens") or {}).items()}
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """-> (ids int64 [max_length], mask bool [max_length]), padded on the configured side."""
+        ids = self.tok.encode(text, add_special_tokens=True).ids
+        if len(ids) > self.max_length:
+            raise EpisodeError(f"the task {text!r} has {len(ids)} tokens, more than tokenizer_max_length {self.max_length} "
+                               "and the pipeline does not truncate", source="task",
+                               hint="shorten the instruction, or enable truncation in the tokenizer step")
+        n, pad = len(ids), self.max_length - len(ids)
+        out = np.full(self.max_length, self.pad_id, dtype=np.int64)
+        mask = np.zeros(self.max_length, dtype=bool)
+        sl = slice(pad, None) if self.padding_side == "left" else slice(0, n)
+        out[sl], mask[sl] = ids, True
+        return out, mask
+
+
+class SmolVLAPreprocessor(Preprocessor):
+    """Observations -> ``images.<camera>`` uint8 [N, 3, H, W], ``state``, ``tokens`` / ``token_mask``."""
+
+    def __init__(self, spec: PolicySpec):
+        super().__init__(spec)
+        s = spec.processor_settings
+        self.tokenizer = TextTokenizer(Path(s["tokenizer_dir"]), max_length=int(s["max_length"]),
+                                       padding_side=s["padding_side"], truncation=bool(s["truncation"]))
+        self.append_newline = bool(s["append_newline"])
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def tokens(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        hit = self._cache.get(task)
+        if hit is None:
+            text = task if (not self.append_newline or task.endswith("\n")) else task + "\n"
+            hit = self._cache[task] = self.tokenizer.encode(text)
+        return hit
+
+    def batch(self, obs: ObservationBatch) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for cam in self.spec.cameras:
+            if cam.name not in obs.images:
+                raise EpisodeError(f"the policy reads camera {cam.name!r}; the observations have {sorted(obs.images)}",
+                                   source="observations", hint="map the dataset's cameras to the policy's (or record with them)")
+            frames = np.asarray(obs.images[cam.name])
+            if frames.shape[1:3] != (cam.height, cam.width):
+                raise EpisodeError(f"camera {cam.name!r} frames are {frames.shape[1]}x{frames.shape[2]}, the policy takes "
+                                   f"{cam.height}x{cam.width} (its input feature's shape)", source="observations",
+                                   hint="give frames at the resolution the policy was trained on")
+            feeds[f"images.{cam.name}"] = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.uint8)
+        feeds["state"] = np.asarray(obs.state, dtype=np.float32)
+        pairs = [self.tokens(t) for t in obs.tasks]
+        feeds["tokens"] = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, self.tokenizer.max_length), np.int64)
+        feeds["token_mask"] = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, self.tokenizer.max_length), bool)
+        return feeds
