@@ -158,6 +158,7 @@ class Policy:
     spec: PolicySpec
     family: str
     meta: dict[str, Any] = field(default_factory=dict)  # provenance: source path, sha256 of weights, format read
+    _preprocessor: Any = field(default=None, init=False, repr=False, compare=False)  # predict_chunk's, made once
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
@@ -206,5 +207,6 @@ class Policy:
                 f"noise has shape {noise.shape}, the {self.family} policy takes {self.spec.noise_shape}",
                 source="noise", hint="pass noise of shape spec.noise_shape (chunk, padded action dim), or None",
             )
-        feeds = make_preprocessor(self.spec)(obs, noise)
-        return self.run_feeds(feeds)[0].numpy()
+        if self._preprocessor is None or self._preprocessor.spec != self.spec:
+            self._preprocessor = make_preprocessor(self.spec)
+        return self.run_feeds(self._preprocessor(obs, noise))[0].numpy()

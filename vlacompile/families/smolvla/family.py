@@ -87,7 +87,8 @@ class SmolVLAFamily(Family):
         remapped = {}
         for k, v in state.items():
             mk = to_module_key(str(k))
-            if mk is None and not str(k).startswith(UNUSED) or (mk is not None and mk.startswith("vlm_with_expert.")):
+            unused = mk is None and str(k).startswith(UNUSED)
+            if not unused and (mk is None or mk.startswith("vlm_with_expert.")):
                 raise CheckpointError(f"tensor {k!r} is not one a SmolVLA policy has", source=files[0],
                                       hint="the weights are not lerobot SmolVLA weights, or come from an incompatible version")
             if mk is not None:
@@ -166,11 +167,6 @@ class SmolVLAFamily(Family):
             head=FlowHead(cfg.num_steps, 1.0, 0.0, (cfg.chunk_size, cfg.max_action_dim)),
             processor=tuple(sorted(settings.items())),
         )
-
-    def new_policy(self, config: SmolVLAConfig) -> Policy:
-        module = self.build(config)
-        module.eval()
-        return Policy(module=module, config=config, spec=self.spec_of(module), family=NAME)
 
     def preprocessor(self, spec: PolicySpec) -> SmolVLAPreprocessor:
         return SmolVLAPreprocessor(spec)
