@@ -245,14 +245,15 @@ def test_image_size_mismatch(written):
     assert exc.value.source == str(written / DATA_FILE)
 
 
-def test_video_mode_is_refused_with_a_hint(written):
+def test_video_dtype_without_videos_names_the_mismatch(written):
+    """info.json says video, but the dataset holds PNGs: the error names both and the fix."""
     info_path = written / "meta/info.json"
     info = json.loads(info_path.read_text())
     info["features"]["observation.images.front"]["dtype"] = "video"
     info_path.write_text(json.dumps(info))
-    with pytest.raises(EpisodeError, match="video") as exc:
+    with pytest.raises(EpisodeError, match=r"stored as video \(dtype 'video'\), but meta/episodes has no") as exc:
         read_episodes(written)
-    assert "image" in exc.value.hint
+    assert "should be 'image'" in exc.value.hint
 
 
 def test_empty_dataset(tmp_path, written):

@@ -20,10 +20,16 @@ def test_recorded_experts_round_trip_and_replay_to_success(tmp_path):
     assert es.fps == pytest.approx(80.0) and es.robot_type == ROBOT_TYPE
 
     back = read_episodes(write_episodes(tmp_path / "mt", es))
+    # The recorder's --video: the same episodes as lerobot's default AV1 MP4s (lossy, close).
+    video = read_episodes(write_episodes(tmp_path / "mt-video", es, video=True))
+    assert video.camera_storage == {"front": "video"}
+    for a, b in zip(es.episodes, video.episodes):
+        assert b.state.tobytes() == a.state.astype(np.float32).tobytes()
+        assert np.abs(np.asarray(b.images["front"]).astype(int) - a.images["front"]).mean() < 8
     assert len(back) == 2 and [ep.task for ep in back.episodes] == tasks
     assert back.robot_type == ROBOT_TYPE and back.state_dim == 39 and back.action_dim == 4
     for ep, rec in zip(back.episodes, summary):
-        img = ep.images["front"]
+        img = np.asarray(ep.images["front"])  # frames are read on demand; all of them, here
         assert img.dtype == np.uint8 and img.shape == (len(ep), 32, 32, 3) and img.std() > 5  # a scene, not blank
         assert np.all(np.abs(ep.action) <= 1.0) and len(ep) == rec["frames"] < 150
         # Recording and evaluation scenes come from different seed streams.

@@ -1,20 +1,23 @@
-"""Episodes in LeRobotDataset v3.0 layout (image mode), read and written with pyarrow.
+"""Episodes in LeRobotDataset v3 layout (image or video mode), read and written with pyarrow and PyAV.
 
 Layout of a dataset root (what :func:`write_episodes` writes and :func:`read_episodes` reads)::
 
     meta/info.json                            codebase_version "v3.0", fps, features, path templates
-    meta/stats.json                           per-feature min/max/mean/std/count (+ quantiles)
+    meta/stats.json                           per-feature min/max/mean/std/count/q01..q99
     meta/tasks.parquet                        task (the instruction) -> task_index
-    meta/episodes/chunk-000/file-000.parquet  one row per episode: length, tasks, data file, offsets
-    data/chunk-000/file-000.parquet           one row per frame: observation.state, action,
-                                              observation.images.<cam> as struct{bytes: PNG, path},
-                                              timestamp, frame_index, episode_index, index, task_index
+    meta/episodes/chunk-000/file-000.parquet  one row per episode: length, tasks, data file, offsets,
+                                              per-episode stats; video mode: videos/<key>/{chunk_index,
+                                              file_index, from_timestamp, to_timestamp}
+    data/chunk-000/file-000.parquet           one row per frame: observation.state, action, timestamp,
+                                              frame_index, episode_index, index, task_index; image mode:
+                                              observation.images.<cam> as struct{bytes: PNG, path}
+    videos/<key>/chunk-000/file-000.mp4       video mode: one camera's frames of consecutive episodes
 
-Only image mode is supported: camera features whose ``dtype`` is ``"video"`` (frames in MP4 files)
-are refused with a hint, since decoding them would need a video decoder.
+Reading is lazy: :func:`read_episodes` reads the small columns and hands out each camera's frames
+as a sequence read on demand (:mod:`vlacompile.data.frames`, :mod:`vlacompile.data.video`).
 
 Every problem with the files on disk is raised as :class:`~vlacompile.errors.EpisodeError` naming
-the offending file; no raw pyarrow or ``KeyError`` traceback escapes.
+the offending file; no raw pyarrow, PyAV or ``KeyError`` traceback escapes.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from vlacompile.data.frames import ParquetImageFrames, VideoFrames
+from vlacompile.data.video import DEFAULT_VCODEC, TOLERANCE_S, VideoConcat, VideoPool, VideoWriter
 from vlacompile.errors import EpisodeError, OutputError
 
 CODEBASE_VERSION = "v3.0"
@@ -77,7 +82,9 @@ class Episode:
 
     index: int  # episode_index
     task: str  # the language instruction
-    images: dict[str, np.ndarray]  # camera name (e.g. "front") -> uint8 [T, H, W, 3]
+    # camera name (e.g. "front") -> uint8 [T, H, W, 3]: an array, or frames read on demand (LazyFrames,
+    # from read_episodes) that index like one; np.asarray() reads them all.
+    images: dict[str, Any]
     state: np.ndarray  # float32 [T, state_dim]
     action: np.ndarray  # float32 [T, action_dim]
 
@@ -87,19 +94,31 @@ class Episode:
 
 @dataclass
 class EpisodeSet:
-    """Episodes that share cameras, image size, state/action sizes and a control rate."""
+    """Episodes that share cameras (each at its own resolution), state/action sizes and a control rate."""
 
     root: Path | None
     fps: float
     episodes: list[Episode]
     camera_names: tuple[str, ...]
-    image_shape: tuple[int, int]  # (H, W), same for all cameras
+    image_shapes: dict[str, tuple[int, int]]  # camera name -> (H, W)
     state_dim: int
     action_dim: int
     robot_type: str
     # Optional per-dimension names (LeRobot's feature "names"); None when unknown.
     state_names: tuple[str, ...] | None = None
     action_names: tuple[str, ...] | None = None
+    # Read from disk: camera name -> "image" (PNG in the parquet) or "video" (MP4), and -> its feature key.
+    camera_storage: dict[str, str] | None = None
+    camera_keys: dict[str, str] | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """The one (H, W) of every camera; an error when the cameras differ (use ``image_shapes``)."""
+        shapes = set(self.image_shapes.values())
+        if len(shapes) != 1:
+            raise EpisodeError(f"the cameras have different resolutions {self.image_shapes}", source=self.root,
+                               hint="use image_shapes[camera] for a per-camera resolution")
+        return next(iter(shapes))
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -270,12 +289,13 @@ def _read_tasks(root: Path) -> dict[int, str] | None:
 
 
 def _read_episode_meta(root: Path) -> dict[int, dict] | None:
-    """episode_index -> {length, tasks, data/chunk_index, data/file_index}; None if absent."""
+    """episode_index -> {length, tasks, data/..., videos/<key>/..., _source}; None if absent."""
     ep_dir = root / EPISODES_DIR
     paths = sorted(ep_dir.glob("*/*.parquet")) if ep_dir.is_dir() else []
     if not paths:
         return None
     wanted = ("episode_index", "length", "tasks", "data/chunk_index", "data/file_index")
+    video_cols = ("/chunk_index", "/file_index", "/from_timestamp", "/to_timestamp")
     out: dict[int, dict] = {}
     for path in paths:
         schema = _read_schema(path)
@@ -285,10 +305,12 @@ def _read_episode_meta(root: Path) -> dict[int, dict] | None:
                 source=path,
                 hint="restore meta/episodes/ from the original dataset",
             )
-        table = _read_parquet(path, columns=[c for c in wanted if c in schema.names])
+        names = [c for c in schema.names if c in wanted or (c.startswith("videos/") and c.endswith(video_cols))]
+        table = _read_parquet(path, columns=names)
         cols = {c: table.column(c).to_pylist() for c in table.column_names}
         for row in range(table.num_rows):
             rec = {c: cols[c][row] for c in cols}
+            rec["_source"] = path
             out[int(rec["episode_index"])] = rec
     return out
 
@@ -351,66 +373,52 @@ def _vector_column(table: pa.Table, key: str, dim: int, path: Path) -> np.ndarra
     )
 
 
-def _decode_images(
-    col: pa.ChunkedArray, key: str, hw: tuple[int, int], root: Path, path: Path, ep_index: int
-) -> np.ndarray:
-    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if not pa.types.is_struct(arr.type) or arr.type.get_field_index("bytes") < 0:
-        raise EpisodeError(
-            f"column {key!r} has type {arr.type}, expected struct<bytes: binary, path: string> (image mode)",
-            source=path,
-            hint="only image-mode LeRobot datasets (PNG bytes in the parquet) are supported",
-        )
-    blobs = arr.field("bytes").to_pylist()
-    has_path = arr.type.get_field_index("path") >= 0
-    rel_paths = arr.field("path").to_pylist() if has_path else [None] * len(blobs)
-    nulls = arr.is_null().to_numpy(zero_copy_only=False)
-    h, w = hw
-    out = np.empty((len(blobs), h, w, 3), dtype=np.uint8)
-    for frame, (blob, rel) in enumerate(zip(blobs, rel_paths)):
-        if nulls[frame]:
-            blob = None
-        if blob is None:
-            img_path = (root / rel) if rel else None
-            if img_path is None or not img_path.is_file():
-                raise EpisodeError(
-                    f"image {key!r} of episode {ep_index} frame {frame} has no bytes"
-                    + (f" and {rel!r} does not exist" if rel else ""),
-                    source=path,
-                    hint="embed the images in the parquet (image mode) or restore the image files",
-                )
-            blob = img_path.read_bytes()
-        try:
-            with Image.open(io.BytesIO(blob)) as im:
-                if im.size != (w, h):
-                    raise EpisodeError(
-                        f"image {key!r} of episode {ep_index} frame {frame} is {im.size[1]}x{im.size[0]} "
-                        f"(HxW), info.json says {h}x{w}",
-                        source=path,
-                        hint="resize the images or fix the feature's shape in meta/info.json",
-                    )
-                out[frame] = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except EpisodeError:
-            raise
-        except Exception as exc:  # PIL raises many kinds on corrupt data
-            raise EpisodeError(
-                f"cannot decode image {key!r} of episode {ep_index} frame {frame} ({exc})",
-                source=path,
-                hint="the image bytes are corrupt; re-export the dataset",
-            ) from None
-    return out
+def resolve_dataset_dir(root: Path) -> Path:
+    """A dataset directory, following the Hugging Face hub cache layout
+    (``datasets--org--name/refs/main`` -> ``snapshots/<revision>/``) when ``root`` is such a folder."""
+    if (root / INFO_PATH).is_file() or not (root / "snapshots").is_dir():
+        return root
+    ref = root / "refs" / "main"
+    if ref.is_file():
+        snap = root / "snapshots" / ref.read_text(encoding="utf-8").strip()
+        if (snap / INFO_PATH).is_file():
+            return snap
+    snaps = sorted((p for p in (root / "snapshots").iterdir() if (p / INFO_PATH).is_file()),
+                   key=lambda p: p.stat().st_mtime)
+    if not snaps:
+        raise EpisodeError("a Hugging Face cache folder with no downloaded dataset snapshot (no snapshots/*/meta/info.json)",
+                           source=root, hint="download the dataset (huggingface-cli download --repo-type dataset ...)")
+    return snaps[-1]
 
 
-def read_episodes(root: str | Path, *, episodes: list[int] | None = None) -> EpisodeSet:
-    """Read a LeRobotDataset v3.0 (image mode) from ``root``.
+def read_episodes(
+    root: str | Path,
+    *,
+    episodes: list[int] | None = None,
+    camera_map: dict[str, str] | None = None,
+    state_names: Sequence[str] | None = None,
+    action_names: Sequence[str] | None = None,
+) -> EpisodeSet:
+    """Open a LeRobotDataset v3.x at ``root`` (image or video mode); frames are read on demand.
 
     ``episodes`` selects episodes by their ``episode_index`` (default: all), returned in that order.
+    ``camera_map`` names cameras as a policy does: ``{"wrist": "observation.images.hand"}`` makes the
+    dataset's ``hand`` camera the episodes' ``wrist``. ``state_names`` / ``action_names`` keep those
+    dimensions of ``observation.state`` / ``action``, in that order, by the names the dataset's
+    info.json gives them (a policy trained on a subset of a robot's joints). ``root`` may also be a dataset in the Hugging
+    Face hub cache (``datasets--org--name``, or one of its snapshots).
+
+    State, action and timestamps are read now (a few bytes per frame); camera frames are lazy
+    sequences (:mod:`vlacompile.data.frames`). Video files are checked before this returns: each
+    opens with a decodable codec at the declared size, each episode's rows fit its segment, and
+    each file's last needed frame decodes.
     """
     root = Path(root)
     if not root.exists():
         raise EpisodeError("episodes directory does not exist", source=root, hint="check the path")
     if not root.is_dir():
         raise EpisodeError("episodes path is not a directory", source=root, hint="pass the dataset root folder")
+    root = resolve_dataset_dir(root)
     info = _load_info(root)
     info_path = root / INFO_PATH
     features: dict[str, Any] = info["features"]
@@ -421,17 +429,11 @@ def read_episodes(root: str | Path, *, episodes: list[int] | None = None) -> Epi
     if not fps > 0 or not math.isfinite(fps):
         raise EpisodeError(f"fps must be positive, found {fps}", source=info_path, hint="fix fps in info.json")
 
-    video_keys = [k for k, f in features.items() if isinstance(f, dict) and f.get("dtype") == "video"]
-    if video_keys:
+    camera_keys = [k for k, f in features.items() if isinstance(f, dict) and f.get("dtype") in ("image", "video")]
+    video_keys = [k for k in camera_keys if features[k].get("dtype") == "video"]
+    if not camera_keys:
         raise EpisodeError(
-            f"camera features {video_keys} are stored as video; only image mode is supported",
-            source=info_path,
-            hint="re-record or convert the dataset with images stored as PNG in the parquet (use_videos=False)",
-        )
-    image_keys = [k for k, f in features.items() if isinstance(f, dict) and f.get("dtype") == "image"]
-    if not image_keys:
-        raise EpisodeError(
-            "info.json declares no image features (dtype 'image')",
+            "info.json declares no camera features (dtype 'image' or 'video')",
             source=info_path,
             hint="the policy needs camera frames: add observation.images.<camera> features",
         )
@@ -444,20 +446,21 @@ def read_episodes(root: str | Path, *, episodes: list[int] | None = None) -> Epi
             )
     state_dim = _vector_dim(features[STATE_KEY], STATE_KEY, info_path)
     action_dim = _vector_dim(features[ACTION_KEY], ACTION_KEY, info_path)
-    cams = {key: _camera_name(key) for key in image_keys}
-    if len(set(cams.values())) != len(cams):
-        raise EpisodeError(f"camera names collide: {cams}", source=info_path, hint="rename the image features")
-    hws = {key: _image_hw(features[key], key, info_path) for key in image_keys}
-    if len(set(hws.values())) != 1:
-        raise EpisodeError(
-            f"cameras have different image sizes {dict((cams[k], v) for k, v in hws.items())}",
-            source=info_path,
-            hint="resize all cameras to one (height, width)",
-        )
-    image_hw = next(iter(hws.values()))
+    state_pick = _pick_by_name(features[STATE_KEY], STATE_KEY, state_dim, state_names, info_path)
+    action_pick = _pick_by_name(features[ACTION_KEY], ACTION_KEY, action_dim, action_names, info_path)
+    cams = _camera_names(camera_keys, camera_map, info_path)
+    hws = {key: _image_hw(features[key], key, info_path) for key in camera_keys}
 
     tasks_by_index = _read_tasks(root)
     ep_meta = _read_episode_meta(root)
+    if video_keys and ep_meta is None:
+        raise EpisodeError(
+            f"cameras {video_keys} are stored as video, but meta/episodes/ is missing: it says where each "
+            "episode's frames are in the MP4 files",
+            source=root / EPISODES_DIR,
+            hint="restore meta/episodes/ from the original dataset",
+        )
+    video_template = str(info.get("video_path") or DEFAULT_VIDEO_PATH)
 
     # Which data files to read.
     data_files: list[Path]
@@ -501,27 +504,34 @@ def read_episodes(root: str | Path, *, episodes: list[int] | None = None) -> Epi
                 hint="restore the data/ folder from the original dataset",
             )
 
-    needed = ["episode_index", STATE_KEY, ACTION_KEY, *image_keys]
+    # Only the small columns are read now; frames are read on demand (vlacompile.data.frames).
+    image_keys = [k for k in camera_keys if k not in video_keys]
+    needed = ["episode_index", STATE_KEY, ACTION_KEY] + (["timestamp"] if video_keys else [])
     optional = ["frame_index", "task_index"]
+    pool = VideoPool()
     by_episode: dict[int, Episode] = {}
     for path in data_files:
         schema = _read_schema(path)
         present = schema.names
-        for col in needed:
+        for col in needed + image_keys:
             if col not in present:
                 raise EpisodeError(
                     f"column {col!r} is missing from {path.name}; present columns: {present}",
                     source=path,
-                    hint=f"info.json declares {col!r}; re-export the dataset or remove the feature from info.json",
+                    hint=f"info.json declares {col!r}; re-export the dataset or remove the feature from info.json"
+                    if col != "timestamp" else "video-mode datasets need each frame's timestamp; re-export the dataset",
                 )
         cols = needed + [c for c in optional if c in present]
-        filters = None
-        if wanted is not None:
-            filters = [("episode_index", "in", list(wanted))]
-        table = _read_parquet(path, columns=cols, filters=filters)
+        table = _read_parquet(path, columns=cols)
         if table.num_rows == 0:
             continue
         ep_col = table.column("episode_index").to_numpy(zero_copy_only=False).astype(np.int64)
+        file_rows = np.arange(table.num_rows, dtype=np.int64)
+        if wanted is not None:  # rows are selected here, not by a parquet filter, to keep their positions in the file
+            keep = np.isin(ep_col, np.asarray(wanted, dtype=np.int64))
+            if not keep.any():
+                continue
+            table, ep_col, file_rows = table.filter(pa.array(keep)), ep_col[keep], file_rows[keep]
         if "frame_index" in table.column_names:
             fr_col = table.column("frame_index").to_numpy(zero_copy_only=False).astype(np.int64)
         else:
@@ -531,12 +541,20 @@ def read_episodes(root: str | Path, *, episodes: list[int] | None = None) -> Epi
                 fr_col[sel] = np.arange(int(sel.sum()))
         order = np.lexsort((fr_col, ep_col))
         table = table.take(pa.array(order))
-        ep_col, fr_col = ep_col[order], fr_col[order]
+        ep_col, fr_col, file_rows = ep_col[order], fr_col[order], file_rows[order]
         state_all = _vector_column(table, STATE_KEY, state_dim, path)
         action_all = _vector_column(table, ACTION_KEY, action_dim, path)
+        if state_pick is not None:
+            state_all = state_all[:, state_pick]
+        if action_pick is not None:
+            action_all = action_all[:, action_pick]
+        ts_all = None
+        if video_keys:
+            ts_all = table.column("timestamp").to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1)
         task_col = (
             table.column("task_index").to_numpy(zero_copy_only=False) if "task_index" in table.column_names else None
         )
+        row_groups = _row_group_starts(path) if image_keys else None
         uniq, starts = np.unique(ep_col, return_index=True)
         ends = list(starts[1:]) + [len(ep_col)]
         for e, s, t in zip(uniq.tolist(), starts.tolist(), ends):
@@ -559,10 +577,6 @@ def read_episodes(root: str | Path, *, episodes: list[int] | None = None) -> Epi
             _check_finite(state, STATE_KEY, e, path)
             _check_finite(action, ACTION_KEY, e, path)
             task = _episode_task(e, task_col[s] if task_col is not None else None, tasks_by_index, ep_meta, root)
-            sub = table.slice(s, t - s)
-            images = {
-                cams[key]: _decode_images(sub.column(key), key, image_hw, root, path, e) for key in image_keys
-            }
             if ep_meta is not None and e in ep_meta and ep_meta[e].get("length") is not None:
                 if int(ep_meta[e]["length"]) != t - s:
                     raise EpisodeError(
@@ -570,6 +584,16 @@ def read_episodes(root: str | Path, *, episodes: list[int] | None = None) -> Epi
                         source=path,
                         hint="the data and metadata disagree; re-export the dataset",
                     )
+            images: dict[str, Any] = {}
+            for key in camera_keys:
+                if key in video_keys:
+                    vpath, from_s = _video_location(root, video_template, key, e, ep_meta)
+                    # lerobot's query: the episode's offset in the file plus the frame's (float32) timestamp
+                    images[cams[key]] = VideoFrames(pool, vpath, from_s + ts_all[s:t], hws[key],
+                                                    context=f"episode {e}, camera {key}")
+                else:
+                    images[cams[key]] = ParquetImageFrames(path, key, file_rows[s:t], hws[key], root, row_groups,
+                                                           context=f"episode {e}")
             by_episode[e] = Episode(index=e, task=task, images=images, state=state, action=action)
 
     if wanted is not None:
@@ -597,18 +621,139 @@ def read_episodes(root: str | Path, *, episodes: list[int] | None = None) -> Epi
                 source=root / DATA_DIR,
                 hint="the data and metadata disagree; re-export the dataset",
             )
+    chosen = [by_episode[e] for e in order_idx]
+    if image_keys:  # cheap: one PNG per camera and data file, so a wrong shape fails here, not mid-stage
+        first_in_file: dict[Path, Episode] = {}
+        for ep in chosen:
+            frames = ep.images[cams[image_keys[0]]]
+            if len(frames) and frames.path not in first_in_file:
+                first_in_file[frames.path] = ep
+        for ep in first_in_file.values():
+            for key in image_keys:
+                ep.images[cams[key]][0]
+    if video_keys:
+        _check_videos(chosen, video_keys, cams, hws, ep_meta, pool, float(fps))
     return EpisodeSet(
         root=root,
         fps=fps,
-        episodes=[by_episode[e] for e in order_idx],
-        camera_names=tuple(cams[k] for k in image_keys),
-        image_shape=image_hw,
-        state_dim=state_dim,
-        action_dim=action_dim,
+        episodes=chosen,
+        camera_names=tuple(cams[k] for k in camera_keys),
+        image_shapes={cams[k]: hws[k] for k in camera_keys},
+        state_dim=state_dim if state_pick is None else len(state_pick),
+        action_dim=action_dim if action_pick is None else len(action_pick),
         robot_type=str(info.get("robot_type") or "unknown"),
-        state_names=_names(features[STATE_KEY]),
-        action_names=_names(features[ACTION_KEY]),
+        state_names=tuple(state_names) if state_pick is not None else _names(features[STATE_KEY]),
+        action_names=tuple(action_names) if action_pick is not None else _names(features[ACTION_KEY]),
+        camera_storage={cams[k]: ("video" if k in video_keys else "image") for k in camera_keys},
+        camera_keys={cams[k]: k for k in camera_keys},
     )
+
+
+def _pick_by_name(feature: dict, key: str, dim: int, wanted: Sequence[str] | None, info_path: Path) -> np.ndarray | None:
+    """Positions of the ``wanted`` names in the feature's names, or None to keep every dimension."""
+    if wanted is None:
+        return None
+    names = _names(feature)
+    if names is None or len(names) != dim:
+        raise EpisodeError(
+            f"cannot select {key} dimensions by name: info.json gives the feature no names for its {dim} dimensions",
+            source=info_path, hint=f"drop the {key} name selection, or add the names to meta/info.json")
+    missing = [n for n in wanted if n not in names]
+    if missing or not wanted or len(set(wanted)) != len(wanted):
+        raise EpisodeError(
+            f"{key} has no dimensions named {missing}" if missing else f"the {key} names to keep {list(wanted)} are empty or repeat",
+            source=info_path, hint=f"the dataset's {key} names are {list(names)}")
+    return np.array([names.index(n) for n in wanted], dtype=np.int64)
+
+
+def _camera_names(camera_keys: list[str], camera_map: dict[str, str] | None, info_path: Path) -> dict[str, str]:
+    """Dataset feature key -> the camera name episodes use: its short name, or the policy's via ``camera_map``.
+
+    ``camera_map`` maps a policy camera name to a dataset camera (its key, or its short name).
+    """
+    cams = {key: _camera_name(key) for key in camera_keys}
+    by_short = {_camera_name(k): k for k in camera_keys}
+    for policy_cam, ds_cam in (camera_map or {}).items():
+        key = ds_cam if ds_cam in cams else by_short.get(ds_cam)
+        if key is None:
+            raise EpisodeError(
+                f"--camera-map {policy_cam}={ds_cam}: the dataset has no camera {ds_cam!r}; its cameras are "
+                f"{camera_keys}",
+                source=info_path,
+                hint="map each policy camera to one of the dataset's camera features",
+            )
+        cams[key] = str(policy_cam)
+    if len(set(cams.values())) != len(cams):
+        raise EpisodeError(f"camera names collide: {cams}", source=info_path,
+                           hint="rename the image features, or map the cameras to distinct names")
+    return cams
+
+
+def _row_group_starts(path: Path) -> np.ndarray:
+    meta = _parquet(path, lambda p: pq.ParquetFile(p).metadata)
+    return np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+
+
+def _video_location(root: Path, template: str, key: str, ep: int, ep_meta: dict[int, dict]) -> tuple[Path, float]:
+    m = ep_meta.get(ep, {})
+    names = [f"videos/{key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")]
+    missing = [n for n in names if m.get(n) is None]
+    if missing:
+        raise EpisodeError(
+            f"info.json says camera {key!r} is stored as video (dtype 'video'), but meta/episodes has no "
+            f"{missing} for episode {ep}",
+            source=m.get("_source", root / EPISODES_DIR),
+            hint="restore meta/episodes/ from the original dataset; if the frames are PNG images in the parquet, "
+                 "the feature's dtype in meta/info.json should be 'image'",
+        )
+    try:
+        rel = template.format(video_key=key, chunk_index=int(m[names[0]]), file_index=int(m[names[1]]))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise EpisodeError(f"video_path template {template!r} cannot be filled ({exc})", source=root / INFO_PATH,
+                           hint="video_path needs {video_key}, {chunk_index} and {file_index}") from None
+    return root / rel, float(m[names[2]])
+
+
+def _check_videos(episodes: list[Episode], video_keys: list[str], cams: dict[str, str], hws: dict[str, tuple[int, int]],
+                  ep_meta: dict[int, dict], pool: VideoPool, fps: float) -> None:
+    """What can be checked before any long work: every MP4 opens with a known codec at the declared
+    size, each episode's rows fit its segment of the file, and each file's last needed frame decodes."""
+    last: dict[Path, tuple[float, str]] = {}
+    for ep in episodes:
+        for key in video_keys:
+            frames: VideoFrames = ep.images[cams[key]]
+            context = frames.context
+            info = pool.get(frames.path).info(context)
+            if (info.height, info.width) != hws[key]:
+                raise EpisodeError(
+                    f"the video is {info.height}x{info.width} (HxW) but info.json declares {key!r} as "
+                    f"{hws[key][0]}x{hws[key][1]} ({context})",
+                    source=frames.path, hint="fix the feature's shape in meta/info.json or re-encode the video")
+            if len(frames):
+                t_max = float(frames.times_s.max())
+                t_min = float(frames.times_s.min())
+                end = info.start_s + info.duration_s if math.isfinite(info.duration_s) else float("inf")
+                if t_min < info.start_s - TOLERANCE_S or t_max > end + TOLERANCE_S:
+                    raise EpisodeError(
+                        f"episode {ep.index} reads frames at {t_min:.4f}-{t_max:.4f} s but the video spans "
+                        f"{info.start_s:.4f}-{end:.4f} s ({context})",
+                        source=frames.path,
+                        hint="the episode's from_timestamp or timestamps point outside the file; re-export the dataset")
+            to_s = ep_meta.get(ep.index, {}).get(f"videos/{key}/to_timestamp")
+            seg_start = float(ep_meta[ep.index][f"videos/{key}/from_timestamp"])
+            if to_s is not None and len(frames):
+                room = int(round((float(to_s) - seg_start) * (info.fps or fps)))
+                if room < len(frames):
+                    raise EpisodeError(
+                        f"episode {ep.index} has {len(frames)} rows but its segment of the video "
+                        f"({seg_start:.4f}-{float(to_s):.4f} s) holds {room} frames ({context})",
+                        source=frames.path,
+                        hint="the video has fewer frames than the parquet; re-export the episode or the dataset")
+            if len(frames):
+                if frames.path not in last or t_max > last[frames.path][0]:
+                    last[frames.path] = (t_max, context)
+    for path, (t_max, context) in last.items():  # a truncated file fails here, not in the middle of a stage
+        pool.get(path).frames_at([t_max], context=context)
 
 
 def _episode_task(
@@ -658,18 +803,21 @@ def _as_episode_set(obj, fps: float | None, robot_type: str | None) -> EpisodeSe
     cams = tuple(first.images)
     if not cams:
         raise EpisodeError(f"episode {first.index} has no camera images", hint="add images to the episode")
-    img = first.images[cams[0]]
-    if img.ndim != 4:
-        raise EpisodeError(
-            f"images of episode {first.index} must be [T, H, W, 3], found shape {img.shape}",
-            hint="pass uint8 images shaped [T, H, W, 3]",
-        )
+    shapes = {}
+    for cam in cams:
+        img = first.images[cam]
+        if len(img.shape) != 4:
+            raise EpisodeError(
+                f"images of episode {first.index} camera {cam!r} must be [T, H, W, 3], found shape {img.shape}",
+                hint="pass uint8 images shaped [T, H, W, 3]",
+            )
+        shapes[cam] = (int(img.shape[1]), int(img.shape[2]))
     return EpisodeSet(
         root=None,
         fps=float(fps),
         episodes=episodes,
         camera_names=cams,
-        image_shape=(int(img.shape[1]), int(img.shape[2])),
+        image_shapes=shapes,
         state_dim=int(first.state.shape[1]) if first.state.ndim == 2 else 0,
         action_dim=int(first.action.shape[1]) if first.action.ndim == 2 else 0,
         robot_type=robot_type or "vlacompile-synthetic",
@@ -681,7 +829,6 @@ def _validate_for_write(es: EpisodeSet) -> None:
         raise EpisodeError("no episodes to write", hint="pass at least one episode")
     if not (es.fps > 0 and math.isfinite(es.fps)):
         raise EpisodeError(f"fps must be positive, found {es.fps}", hint="pass fps=...")
-    h, w = es.image_shape
     for ep in es.episodes:
         t = len(ep)
         if t < 1:
@@ -699,11 +846,12 @@ def _validate_for_write(es: EpisodeSet) -> None:
             )
         for cam in es.camera_names:
             img = ep.images[cam]
-            if img.dtype != np.uint8 or img.shape != (t, h, w, 3):
+            h, w = es.image_shapes[cam]
+            if img.dtype != np.uint8 or tuple(img.shape) != (t, h, w, 3):
                 raise EpisodeError(
-                    f"episode {ep.index} camera {cam!r}: images are {img.dtype} {img.shape}, "
+                    f"episode {ep.index} camera {cam!r}: images are {img.dtype} {tuple(img.shape)}, "
                     f"expected uint8 ({t}, {h}, {w}, 3)",
-                    hint="pass uint8 images shaped [T, H, W, 3], one size for all cameras",
+                    hint="pass uint8 images shaped [T, H, W, 3], one size per camera for all episodes",
                 )
         _check_finite(np.asarray(ep.state, dtype=np.float32), STATE_KEY, ep.index, None)
         _check_finite(np.asarray(ep.action, dtype=np.float32), ACTION_KEY, ep.index, None)
@@ -731,13 +879,16 @@ def _vector_stats(arr: np.ndarray, *, quantiles: bool) -> dict[str, list]:
     return out
 
 
-def _image_stats(images: list[np.ndarray]) -> dict[str, list]:
-    """Per-channel stats in [0, 1], shaped [3, 1, 1] as LeRobot stores them (exact, via histograms)."""
-    hist = np.zeros((3, 256), dtype=np.int64)
-    for im in images:
-        flat = np.ascontiguousarray(im).reshape(-1, 3)
-        for ch in range(3):
-            hist[ch] += np.bincount(flat[:, ch], minlength=256)
+def _image_hist(frames: np.ndarray) -> np.ndarray:
+    """Per-channel histogram [3, 256] of uint8 [T, H, W, 3] frames."""
+    flat = np.ascontiguousarray(frames).reshape(-1, 3)
+    return np.stack([np.bincount(flat[:, ch], minlength=256) for ch in range(3)]).astype(np.int64)
+
+
+def _image_stats(hist: np.ndarray, n_frames: int) -> dict[str, list]:
+    """Per-channel stats in [0, 1], shaped [3, 1, 1] as LeRobot stores them, exact from the histogram
+    (LeRobot estimates them from sampled, downscaled frames), quantiles included as LeRobot's tools
+    expect them in every episode's stats."""
     levels = np.arange(256, dtype=np.float64) / 255.0
     count = hist.sum(axis=1).astype(np.float64)
     mean = (hist * levels).sum(axis=1) / count
@@ -749,23 +900,20 @@ def _image_stats(images: list[np.ndarray]) -> dict[str, list]:
     def cube(v: np.ndarray) -> list:
         return [[[float(x)]] for x in v]
 
-    n_frames = sum(len(im) for im in images)
-    return {
-        "min": cube(vmin),
-        "max": cube(vmax),
-        "mean": cube(mean),
-        "std": cube(np.sqrt(var)),
-        "count": [int(n_frames)],
-    }
+    out = {"min": cube(vmin), "max": cube(vmax), "mean": cube(mean), "std": cube(np.sqrt(var)), "count": [int(n_frames)]}
+    cdf = np.cumsum(hist, axis=1) / count[:, None]
+    for q in _QUANTILES:
+        out[f"q{int(round(q * 100)):02d}"] = cube(np.array([levels[int(np.searchsorted(cdf[ch], q))] for ch in range(3)]))
+    return out
 
 
-def _hf_features(es: EpisodeSet) -> dict:
+def _hf_features(es: EpisodeSet, video: bool) -> dict:
     """The `datasets` feature spec stored in the parquet schema metadata (as `datasets` writes it)."""
 
     def seq(dim: int) -> dict:
         return {"feature": {"dtype": "float32", "_type": "Value"}, "length": dim, "_type": "Sequence"}
 
-    feats: dict[str, Any] = {f"{IMAGE_PREFIX}{c}": {"_type": "Image"} for c in es.camera_names}
+    feats: dict[str, Any] = {f"{IMAGE_PREFIX}{c}": {"_type": "Image"} for c in es.camera_names if not video}
     feats[STATE_KEY] = seq(es.state_dim)
     feats[ACTION_KEY] = seq(es.action_dim)
     for name, dtype in _INDEX_FEATURES.items():
@@ -779,8 +927,54 @@ def _feature_names(names: tuple[str, ...] | None, prefix: str, dim: int) -> list
     return [f"{prefix}_{i}" for i in range(dim)]
 
 
-def _build(es: EpisodeSet, out: Path) -> None:
-    h, w = es.image_shape
+_CODEC_NAMES = {"libsvtav1": "av1", "libaom-av1": "av1", "h264": "h264", "libx264": "h264", "hevc": "hevc"}
+
+
+class _VideoFiles:
+    """One camera's MP4 files while writing, laid out as lerobot lays them out: each episode encoded
+    alone, then appended to the current file (packets copied, times shifted), or to a new file (and
+    chunk, every DEFAULT_CHUNK_SIZE files) once the current one would reach ``file_mb``."""
+
+    def __init__(self, root: Path, key: str, fps: float, hw: tuple[int, int], vcodec: str, file_mb: float):
+        self.root, self.key, self.fps, self.hw, self.vcodec, self.file_mb = root, key, fps, hw, vcodec, file_mb
+        self.chunk, self.file = 0, 0
+        self.current: VideoConcat | None = None
+        self.parts = Path(tempfile.mkdtemp(prefix=".episode-videos-", dir=root))
+
+    def _path(self) -> Path:
+        return self.root / DEFAULT_VIDEO_PATH.format(video_key=self.key, chunk_index=self.chunk, file_index=self.file)
+
+    def add(self, frames: np.ndarray) -> dict[str, Any]:
+        part = self.parts / "episode.mp4"
+        writer = VideoWriter(part, self.fps, self.hw[1], self.hw[0], vcodec=self.vcodec)
+        writer.add(frames)
+        writer.close()
+        size = part.stat().st_size
+        if self.current is not None and self.current.bytes + size >= self.file_mb * 1024 * 1024:
+            self.current.close()
+            self.current = None
+            self.file += 1
+            if self.file >= DEFAULT_CHUNK_SIZE:
+                self.chunk, self.file = self.chunk + 1, 0
+        if self.current is None:
+            self.current = VideoConcat(self._path())
+        start = self.current.append(part, writer.duration_s)
+        part.unlink()
+        return {
+            f"videos/{self.key}/chunk_index": self.chunk,
+            f"videos/{self.key}/file_index": self.file,
+            f"videos/{self.key}/from_timestamp": start,
+            f"videos/{self.key}/to_timestamp": self.current.duration_s,
+        }
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def _build(es: EpisodeSet, out: Path, video: bool, vcodec: str, video_file_mb: float) -> None:
     fps_out: float | int = int(es.fps) if float(es.fps).is_integer() else float(es.fps)
     tasks = list(dict.fromkeys(ep.task for ep in es.episodes))
     task_index = {t: i for i, t in enumerate(tasks)}
@@ -789,11 +983,18 @@ def _build(es: EpisodeSet, out: Path) -> None:
 
     features: dict[str, Any] = {}
     for cam in es.camera_names:
+        h, w = es.image_shapes[cam]
         features[f"{IMAGE_PREFIX}{cam}"] = {
-            "dtype": "image",
+            "dtype": "video" if video else "image",
             "shape": [h, w, 3],
             "names": ["height", "width", "channels"],
         }
+        if video:  # what lerobot's update_video_info records
+            features[f"{IMAGE_PREFIX}{cam}"]["info"] = {
+                "video.height": h, "video.width": w, "video.codec": _CODEC_NAMES.get(vcodec, vcodec),
+                "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps_out,
+                "video.channels": 3, "has_audio": False,
+            }
     features[STATE_KEY] = {
         "dtype": "float32",
         "shape": [es.state_dim],
@@ -811,14 +1012,24 @@ def _build(es: EpisodeSet, out: Path) -> None:
     cols: dict[str, list] = {k: [] for k in features}
     ep_rows: list[dict[str, Any]] = []
     offset = 0
+    hists = {cam: np.zeros((3, 256), dtype=np.int64) for cam in es.camera_names}
+    videos = {cam: _VideoFiles(out, f"{IMAGE_PREFIX}{cam}", es.fps, es.image_shapes[cam], vcodec, video_file_mb)
+              for cam in es.camera_names} if video else {}
     for new_idx, ep in enumerate(es.episodes):
         t = len(ep)
         ti = task_index[ep.task]
-        for cam in es.camera_names:
+        ep_image_stats, ep_video = {}, {}
+        for cam in es.camera_names:  # one episode's frames of one camera in memory at a time
             key = f"{IMAGE_PREFIX}{cam}"
-            cols[key].extend(
-                {"bytes": _png(ep.images[cam][f]), "path": f"frame-{f:06d}.png"} for f in range(t)
-            )
+            frames = np.asarray(ep.images[cam], dtype=np.uint8)
+            hist = _image_hist(frames)
+            hists[cam] += hist
+            ep_image_stats[key] = _image_stats(hist, t)
+            if video:
+                ep_video.update(videos[cam].add(frames))
+            else:
+                cols[key].extend({"bytes": _png(frames[f]), "path": f"frame-{f:06d}.png"} for f in range(t))
+            del frames
         cols[STATE_KEY].append(np.asarray(ep.state, dtype=np.float32))
         cols[ACTION_KEY].append(np.asarray(ep.action, dtype=np.float32))
         frame_idx = np.arange(t, dtype=np.int64)
@@ -837,16 +1048,19 @@ def _build(es: EpisodeSet, out: Path) -> None:
             "data/file_index": 0,
             "dataset_from_index": offset,
             "dataset_to_index": offset + t,
+            **ep_video,
         }
+        # Quantiles in every episode's stats, of every feature: lerobot's aggregate_stats (delete_episodes,
+        # merge, split) keeps a quantile only when every episode has it, and quantile normalisation needs them.
         ep_stats = {
-            STATE_KEY: _vector_stats(ep.state, quantiles=False),
-            ACTION_KEY: _vector_stats(ep.action, quantiles=False),
-            **{f"{IMAGE_PREFIX}{c}": _image_stats([ep.images[c]]) for c in es.camera_names},
-            "timestamp": _vector_stats(ts, quantiles=False),
-            "frame_index": _vector_stats(frame_idx, quantiles=False),
-            "episode_index": _vector_stats(np.full(t, new_idx), quantiles=False),
-            "index": _vector_stats(np.arange(offset, offset + t), quantiles=False),
-            "task_index": _vector_stats(np.full(t, ti), quantiles=False),
+            STATE_KEY: _vector_stats(ep.state, quantiles=True),
+            ACTION_KEY: _vector_stats(ep.action, quantiles=True),
+            **ep_image_stats,
+            "timestamp": _vector_stats(ts, quantiles=True),
+            "frame_index": _vector_stats(frame_idx, quantiles=True),
+            "episode_index": _vector_stats(np.full(t, new_idx), quantiles=True),
+            "index": _vector_stats(np.arange(offset, offset + t), quantiles=True),
+            "task_index": _vector_stats(np.full(t, ti), quantiles=True),
         }
         for feat, st in ep_stats.items():
             for name, val in st.items():
@@ -857,9 +1071,12 @@ def _build(es: EpisodeSet, out: Path) -> None:
         offset += t
 
     arrays = {}
+    for cam_files in videos.values():
+        cam_files.close()
     for key in features:
         if key.startswith(IMAGE_PREFIX):
-            arrays[key] = pa.array(cols[key], type=_IMAGE_STRUCT)
+            if not video:
+                arrays[key] = pa.array(cols[key], type=_IMAGE_STRUCT)
         elif key in (STATE_KEY, ACTION_KEY):
             flat = np.concatenate(cols[key], axis=0)
             dim = flat.shape[1]
@@ -867,7 +1084,7 @@ def _build(es: EpisodeSet, out: Path) -> None:
         else:
             arrays[key] = pa.array(np.concatenate(cols[key]), type=pa.from_numpy_dtype(np.dtype(_INDEX_FEATURES[key])))
     data_table = pa.table(arrays)
-    data_table = data_table.replace_schema_metadata({b"huggingface": json.dumps(_hf_features(es)).encode()})
+    data_table = data_table.replace_schema_metadata({b"huggingface": json.dumps(_hf_features(es, video)).encode()})
     data_path = out / DEFAULT_DATA_PATH.format(chunk_index=0, file_index=0)
     data_path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(data_table, data_path)
@@ -911,9 +1128,9 @@ def _build(es: EpisodeSet, out: Path) -> None:
         ACTION_KEY: _vector_stats(all_action, quantiles=True),
     }
     for cam in es.camera_names:
-        stats[f"{IMAGE_PREFIX}{cam}"] = _image_stats([ep.images[cam] for ep in es.episodes])
+        stats[f"{IMAGE_PREFIX}{cam}"] = _image_stats(hists[cam], total_frames)
     for name in _INDEX_FEATURES:
-        stats[name] = _vector_stats(data_table.column(name).to_numpy(), quantiles=False)
+        stats[name] = _vector_stats(data_table.column(name).to_numpy(), quantiles=True)
     (out / STATS_PATH).write_text(json.dumps(stats, indent=4), encoding="utf-8")
 
     # ---- meta/info.json ---------------------------------------------------------------------
@@ -929,7 +1146,7 @@ def _build(es: EpisodeSet, out: Path) -> None:
         "fps": fps_out,
         "splits": {"train": f"0:{n_eps}"},
         "data_path": DEFAULT_DATA_PATH,
-        "video_path": None,  # image mode: LeRobot writes null when no feature is a video
+        "video_path": DEFAULT_VIDEO_PATH if video else None,  # LeRobot writes null when no feature is a video
         "features": features,
     }
     (out / INFO_PATH).write_text(json.dumps(info, indent=4, ensure_ascii=False), encoding="utf-8")
@@ -942,8 +1159,15 @@ def write_episodes(
     fps: float | None = None,
     robot_type: str | None = None,
     overwrite: bool = False,
+    video: bool = False,
+    vcodec: str = DEFAULT_VCODEC,
+    video_files_size_in_mb: float = DEFAULT_VIDEO_FILE_SIZE_IN_MB,
 ) -> Path:
-    """Write episodes as a LeRobotDataset v3.0 (image mode) at ``root``; returns ``root``.
+    """Write episodes as a LeRobotDataset v3.0 at ``root``; returns ``root``.
+
+    Image mode (PNG frames in the parquet) by default; ``video=True`` writes each camera's frames
+    into MP4 files as lerobot does (``vcodec`` AV1 by default, episodes appended to a file until it
+    reaches ``video_files_size_in_mb``), which is lossy: the frames read back are the decoded ones.
 
     ``fps`` and ``robot_type`` default to the EpisodeSet's (a plain list needs ``fps``; its
     robot_type defaults to "vlacompile-synthetic"). Episodes are renumbered 0..N-1 in the given
@@ -968,7 +1192,7 @@ def write_episodes(
         raise OutputError(f"cannot create a folder next to the output ({exc})", source=root,
                           hint="check permissions and free space") from None
     try:
-        _build(es, tmp)
+        _build(es, tmp, video, vcodec, video_files_size_in_mb)
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=parent))
             os.replace(root, old / "x")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlacompile.data.episodes import EpisodeSet
+from vlacompile.data.frames import take_frames
 from vlacompile.errors import EpisodeError
 from vlacompile.observation import ObservationBatch
 
@@ -104,9 +105,8 @@ def make_samples(
 def _samples_at(es: EpisodeSet, pairs: list[tuple[int, int]], chunk_size: int) -> Samples:
     """Samples at ``(position in es.episodes, frame)`` pairs."""
     n = len(pairs)
-    h, w = es.image_shape
     cams = es.camera_names
-    images = {cam: np.empty((n, h, w, 3), dtype=np.uint8) for cam in cams}
+    images = {cam: np.empty((n, *es.image_shapes[cam], 3), dtype=np.uint8) for cam in cams}
     state = np.empty((n, es.state_dim), dtype=np.float32)
     actions = np.empty((n, chunk_size, es.action_dim), dtype=np.float32)
     episode_index = np.empty(n, dtype=np.int64)
@@ -115,13 +115,19 @@ def _samples_at(es: EpisodeSet, pairs: list[tuple[int, int]], chunk_size: int) -
     steps = np.arange(chunk_size)
     for row, (pos, t) in enumerate(pairs):
         ep = es.episodes[pos]
-        for cam in cams:
-            images[cam][row] = ep.images[cam][t]
         state[row] = ep.state[t]
         actions[row] = ep.action[np.minimum(t + steps, len(ep) - 1)]
         episode_index[row] = ep.index
         frame_index[row] = t
         tasks.append(ep.task)
+    # Frames are read per episode in one pass each (a video decodes forward instead of seeking per frame).
+    rows_of: dict[int, list[int]] = {}
+    for row, (pos, _) in enumerate(pairs):
+        rows_of.setdefault(pos, []).append(row)
+    for pos, rows in rows_of.items():
+        ts = [pairs[r][1] for r in rows]
+        for cam in cams:
+            images[cam][rows] = take_frames(es.episodes[pos].images[cam], ts)
     return Samples(images, state, tasks, actions, episode_index, frame_index)
 
 

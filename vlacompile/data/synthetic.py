@@ -308,7 +308,7 @@ def make_synthetic_episodes(
         fps=FPS,
         episodes=episodes,
         camera_names=cams,
-        image_shape=(image_size, image_size),
+        image_shapes={c: (image_size, image_size) for c in cams},
         state_dim=6,
         action_dim=4,
         robot_type=ROBOT_TYPE,

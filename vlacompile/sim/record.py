@@ -130,7 +130,7 @@ def record_expert_episodes_with_summary(
         fps=fps if fps is not None else 80.0,
         episodes=episodes,
         camera_names=tuple(suite.cameras),
-        image_shape=(suite.image_size, suite.image_size),
+        image_shapes={c: (suite.image_size, suite.image_size) for c in suite.cameras},
         state_dim=suite.state_dim,
         action_dim=suite.action_dim,
         robot_type=ROBOT_TYPE,
