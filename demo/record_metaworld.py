@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--video", action="store_true",
+                    help="store camera frames as AV1 MP4s, lerobot's default (lossy), instead of PNG in the parquet")
     args = ap.parse_args(argv)
 
     unknown = [t for t in args.tasks if t not in MT10_INSTRUCTIONS]
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not es.episodes:
         print("no successful episode to write", file=sys.stderr)
         return 1
-    root = write_episodes(args.out, es, overwrite=args.overwrite)
+    root = write_episodes(args.out, es, overwrite=args.overwrite, video=args.video)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     print(f"wrote {root} ({size / 1e6:.2f} MB)")
     return 0

@@ -15,6 +15,21 @@ def _fail(err: VlaCompileError) -> None:
     sys.exit(err.exit_code)
 
 
+def _camera_map(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    out = {}
+    for pair in pairs:
+        cam, sep, ds = pair.partition("=")
+        if not sep or not cam.strip() or not ds.strip():
+            raise click.BadParameter(f"{pair!r} is not POLICY_CAMERA=DATASET_CAMERA (e.g. wrist=observation.images.hand)",
+                                     param_hint="--camera-map")
+        out[cam.strip()] = ds.strip()
+    return out or None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vlacompile")
 def main() -> None:
@@ -31,7 +46,11 @@ def main() -> None:
 @click.option("--checkpoint", "-c", type=click.Path(path_type=Path), help="Teacher checkpoint directory: vlacompile's own, or a policy saved by LeRobot (SmolVLA). Default: the shipped demo teacher.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="Local tokenizer directory for checkpoints that carry none (SmolVLA: the SmolVLM2 backbone directory). Default: the Hugging Face cache; never the network.")
 @click.option("--allow-unnormalized", is_flag=True, help="Build a LeRobot checkpoint whose normaliser stats miss some of its features (LeRobot passes those through unnormalised).")
-@click.option("--episodes", "-e", type=click.Path(path_type=Path), help="LeRobotDataset v3 episodes directory. Default: the shipped demo episodes.")
+@click.option("--episodes", "-e", type=click.Path(path_type=Path), help="LeRobotDataset v3 episodes directory (image or video mode, or its Hugging Face cache folder). Default: the shipped demo episodes.")
+@click.option("--camera-map", "camera_map", multiple=True, metavar="POLICY_CAM=DATASET_CAM",
+              help="Feed a policy camera from a dataset camera of another name, e.g. wrist=observation.images.hand (repeatable).")
+@click.option("--state-names", help="Comma-separated names of the dataset's observation.state dimensions the policy reads, in its order.")
+@click.option("--action-names", help="Comma-separated names of the dataset's action dimensions the policy outputs, in its order.")
 @click.option("--recipe", "-r", help="Recipe name or TOML path. Default: the target's default recipe.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Output directory. Default: build/<target>.")
 @click.option("--seed", type=int, help="Override the recipe's seed.")
@@ -41,8 +60,8 @@ def main() -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VLACOMPILE_CACHE", help="Stage cache directory (env VLACOMPILE_CACHE). Default: ~/.cache/vlacompile.")
 @click.option("--no-cache", is_flag=True, help="Run every stage; neither read nor write the stage cache.")
 @click.option("--no-closed-loop", is_flag=True, help="Skip the recipe's closed-loop evaluation in a simulator (the report then has none).")
-def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, recipe, out, seed, calls, allow_pickle, quiet, cache_dir, no_cache,
-          no_closed_loop) -> None:
+def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, camera_map, state_names, action_names, recipe, out, seed, calls, allow_pickle, quiet, cache_dir,
+          no_cache, no_closed_loop) -> None:
     """Distill, prune, quantise, export and verify a policy for TARGET; write build/<target>/."""
     from vlacompile.pipeline import build as run_build
     from vlacompile.report import summarize
@@ -54,6 +73,9 @@ def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, recipe, o
             tokenizer=tokenizer,
             allow_unnormalized=allow_unnormalized,
             episodes=episodes,
+            camera_map=_camera_map(camera_map),
+            state_names=_names(state_names),
+            action_names=_names(action_names),
             recipe=recipe,
             out=out,
             seed=seed,

@@ -123,6 +123,25 @@ def recover_output(out: Path, log: Callable[[str], None]) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def episodes_format(es, selection: dict[str, Any]) -> dict[str, Any]:
+    """What the report says about the dataset it read: how each camera is stored, and what was selected."""
+    out: dict[str, Any] = {"format": "LeRobotDataset v3"}
+    if es.camera_storage:
+        out["cameras"] = {cam: {"feature": (es.camera_keys or {}).get(cam), "storage": es.camera_storage[cam],
+                                "height": es.image_shapes[cam][0], "width": es.image_shapes[cam][1]}
+                          for cam in es.camera_names}
+    out.update({k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in selection.items()})
+    return out
+
+
+def _decode_note(before) -> str:
+    """', decoding N video frames in X s' for a stage that read video-mode episodes (else '')."""
+    from vlacompile.data.video import decode_stats
+
+    d = decode_stats().since(before)
+    return f" ({d.describe()})" if d.frames else ""
+
+
 def check_episodes_match(es, spec, source: Path) -> None:
     """The episodes must carry what the policy reads: its cameras at their resolutions, state and action dims."""
     cams = [c.name for c in spec.cameras]
@@ -131,15 +150,16 @@ def check_episodes_match(es, spec, source: Path) -> None:
         raise EpisodeError(
             f"the policy reads cameras {cams} but the episodes have {list(es.camera_names)} (missing {missing})",
             source=source,
-            hint="record the episodes with the policy's cameras (feature observation.images.<camera>)",
+            hint="record the episodes with the policy's cameras (feature observation.images.<camera>), or map "
+                 "dataset cameras to them: --camera-map POLICY_CAMERA=DATASET_CAMERA",
         )
     for cam in spec.cameras:
-        if tuple(es.image_shape) != (cam.height, cam.width):
+        have = tuple(es.image_shapes[cam.name])
+        if have != (cam.height, cam.width):
             raise EpisodeError(
-                f"images are {es.image_shape[0]}x{es.image_shape[1]} but the policy takes {cam.height}x{cam.width}"
-                + (f" from camera {cam.name!r}" if len(spec.cameras) > 1 else ""),
+                f"camera {cam.name!r} has {have[0]}x{have[1]} images but the policy takes {cam.height}x{cam.width}",
                 source=source,
-                hint="resize the episodes' images to the policy's resolution",
+                hint="resize the episodes' images to the policy's resolution, or map another camera to it (--camera-map)",
             )
     for name, have, need in (("observation.state", es.state_dim, spec.state_dim), ("action", es.action_dim, spec.action_dim)):
         if have != need:
@@ -177,6 +197,9 @@ def build(
     closed_loop: bool = True,
     tokenizer: str | Path | None = None,
     allow_unnormalized: bool = False,
+    camera_map: dict[str, str] | None = None,
+    state_names: list[str] | None = None,
+    action_names: list[str] | None = None,
 ) -> BuildResult:
     """Compile a VLA checkpoint for a target and verify it. See the README for the exit codes.
 
@@ -184,6 +207,8 @@ def build(
     ``tokenizer``: a local tokenizer directory for checkpoints that do not carry one (SmolVLA: the
     SmolVLM2 directory; default: the Hugging Face cache, never the network). ``allow_unnormalized``:
     build a LeRobot checkpoint whose normaliser stats miss some features (see ``load_policy``).
+    ``camera_map``: policy camera name -> the dataset camera that feeds it (``{"wrist": "observation.images.hand"}``).
+    ``state_names`` / ``action_names``: the dataset's state / action dimensions the policy uses, by name, in its order.
 
     Stage outputs are cached under ``cache_dir`` (default ``$VLACOMPILE_CACHE`` or
     ``~/.cache/vlacompile``; see ``vlacompile.cache``) unless ``use_cache`` is False.
@@ -218,7 +243,8 @@ def build(
             hint="lower actions_per_chunk in the target profile or use a policy with longer chunks",
         )
     ep_dir = (Path(episodes) if episodes is not None else DEMO_EPISODES).absolute()
-    es = read_episodes(ep_dir)
+    selection = {k: v for k, v in (("camera_map", camera_map), ("state_names", state_names), ("action_names", action_names)) if v}
+    es = read_episodes(ep_dir, **selection)
     check_episodes_match(es, teacher.spec, ep_dir)
     if rcp.closed_loop is not None and rcp.closed_loop.families and teacher.family not in rcp.closed_loop.families:
         skipped_closed_loop = (f"closed loop in {rcp.closed_loop.suite} skipped: {rcp.path or rcp.name} [closed_loop] is for "
@@ -229,7 +255,7 @@ def build(
         _check_closed_loop(rcp, teacher.spec)
     run_seed = rcp.seed if seed is None else seed
     train, calib, held_out = split_episodes(es, seed=run_seed)
-    inputs = _build_inputs(teacher, ckpt, ep_dir, run_seed)
+    inputs = _build_inputs(teacher, ckpt, ep_dir, run_seed, selection)
     cache = _open_cache(cache_dir, use_cache, log)
     log(
         f"vlacompile: target {tgt.name}, recipe {rcp.name}, teacher {ckpt} "
@@ -248,7 +274,8 @@ def build(
             report["teacher"].update({"checkpoint": str(ckpt)})
             if skipped_closed_loop:
                 report["notes"].append(skipped_closed_loop)
-            report["episodes"] = {"path": str(ep_dir), "train": len(train.episodes), "calibration": len(calib.episodes), "held_out": len(held_out.episodes)}
+            report["episodes"] = {"path": str(ep_dir), "train": len(train.episodes), "calibration": len(calib.episodes), "held_out": len(held_out.episodes),
+                                  **episodes_format(es, selection)}
             report["seconds"] = round(time.perf_counter() - t_start, 1)
             from vlacompile.report import write_reports
 
@@ -289,7 +316,7 @@ def _check_closed_loop(rcp, spec) -> None:
                           hint="choose the suite the teacher was trained in, or build with --no-closed-loop") from err
 
 
-def _build_inputs(teacher, ckpt: Path, ep_dir: Path, seed: int) -> dict[str, Any]:
+def _build_inputs(teacher, ckpt: Path, ep_dir: Path, seed: int, selection: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the build's result depends on besides the recipe and target: hashes for the manifest
     and the root of the cache keys."""
     from vlacompile.cache import episodes_hash
@@ -303,6 +330,7 @@ def _build_inputs(teacher, ckpt: Path, ep_dir: Path, seed: int) -> dict[str, Any
         "teacher_config": (config.read_bytes() if config.is_file() else b"") + definition,
         "episodes_sha256": episodes_hash(ep_dir),
         "seed": seed,
+        **({"episodes_selection": json.dumps(selection, sort_keys=True)} if selection else {}),
     }
 
 
@@ -377,10 +405,13 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         test_pause(f"stage:{stage.name}")
         log(f"[{i + 1}/{n}] {stage.name} ...")
         t0 = time.perf_counter()
+        from vlacompile.data.video import decode_stats
+
+        decoded = decode_stats()
         # Seeded per stage, so a stage resumed after cached ones sees the RNG a full build gives it.
         torch.manual_seed(seed)
         artifact = STAGES[stage.name].load().run(artifact, stage.params, ctx)
-        log(f"[{i + 1}/{n}] {stage.name} done in {time.perf_counter() - t0:.1f} s")
+        log(f"[{i + 1}/{n}] {stage.name} done in {time.perf_counter() - t0:.1f} s" + _decode_note(decoded))
         canonical.append(copy.deepcopy(artifact.records[-1]))
         artifact.records[-1]["reused"] = False
         if cache is not None:
@@ -401,6 +432,9 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
     (tmp / "recipe.json").write_text(json.dumps(rcp.to_dict(), indent=2, sort_keys=True) + "\n")
 
     log(f"verify: teacher vs compiled student on {len(held_out.episodes)} held-out episodes ...")
+    from vlacompile.data.video import decode_stats
+
+    decoded = decode_stats()
     result = verify(
         teacher,
         artifact.onnx_path,
@@ -414,6 +448,8 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         log=log,
         cache=cache,
     )
+    if _decode_note(decoded):
+        log("verify: held-out episodes" + _decode_note(decoded))
     extra_gates, readiness = _post_verify_checks(tgt, rcp, teacher, student, artifact, result, tmp, calls, progress, log, held_out)
     if extra_gates:
         from vlacompile.verify.gates import verdict
@@ -626,7 +662,9 @@ def verify_artifact(
             source=ep_dir,
             hint="pass --episodes with the dataset used for the build: its held-out split is what verify runs on",
         )
-    _, _, held_out = split_episodes(read_episodes(ep_dir), seed=manifest["seed"])
+    recorded = report.get("episodes", {})
+    selection = {k: recorded[k] for k in ("camera_map", "state_names", "action_names") if recorded.get(k)}
+    _, _, held_out = split_episodes(read_episodes(ep_dir, **selection), seed=manifest["seed"])
     spec_path = out / STUDENT_SPEC_JSON
     if spec_path.is_file():
         from vlacompile.policy import PolicySpec

@@ -245,20 +245,21 @@ def generate(name: str, c: dict, root: Path) -> None:
     print(f"{name}: {sum(p.numel() for p in policy.parameters())} params, actions {tuple(actions.shape)}", flush=True)
 
 
-def make_episodes(name: str, c: dict, root: Path, e: dict) -> None:
-    """A LeRobotDataset with the policy's features, written by lerobot (images as PNG in the parquet).
-    Frames are smooth gradients (they compress), states and actions random walks."""
+def make_episodes(name: str, c: dict, root: Path, e: dict, video: bool = False) -> None:
+    """A LeRobotDataset with the policy's features, written by lerobot: images as PNG in the parquet
+    (``episodes/``) or, with ``video``, as lerobot's default AV1 MP4s (``episodes_video/``, the same
+    frames before encoding). Frames are smooth gradients (they compress), states and actions random walks."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    out = root / name / "episodes"
+    out = root / name / ("episodes_video" if video else "episodes")
     shutil.rmtree(out, ignore_errors=True)
     rng = np.random.default_rng(7)
-    features = {f"observation.images.{cam}": {"dtype": "image", "shape": (h, w, 3), "names": ["height", "width", "channels"]}
+    features = {f"observation.images.{cam}": {"dtype": "video" if video else "image", "shape": (h, w, 3), "names": ["height", "width", "channels"]}
                 for cam, (h, w) in c["cameras"].items()}
     features["observation.state"] = {"dtype": "float32", "shape": (c["state_dim"],), "names": [f"s{i}" for i in range(c["state_dim"])]}
     features["action"] = {"dtype": "float32", "shape": (c["action_dim"],), "names": [f"a{i}" for i in range(c["action_dim"])]}
     ds = LeRobotDataset.create(repo_id=f"vlacompile/{name}", fps=e["fps"], features=features, root=out, robot_type="tiny",
-                               use_videos=False)
+                               use_videos=video)
     for ep in range(e["episodes"]):
         state = rng.normal(0, 1, c["state_dim"]).astype(np.float32)
         action = rng.normal(0, 1, c["action_dim"]).astype(np.float32)
@@ -277,12 +278,17 @@ def make_episodes(name: str, c: dict, root: Path, e: dict) -> None:
 
 
 def main() -> None:
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "fixtures"
-    only = sys.argv[2:] or list(CONFIGS)
+    args = sys.argv[1:]
+    episodes_only = "--episodes-only" in args  # the datasets alone, leaving the policies as they are
+    args = [a for a in args if a != "--episodes-only"]
+    root = Path(args[0]) if args else HERE / "fixtures"
+    only = args[1:] or list(CONFIGS)
     for name in only:
-        generate(name, CONFIGS[name], root)
+        if not episodes_only:
+            generate(name, CONFIGS[name], root)
         if name in EPISODES:
             make_episodes(name, CONFIGS[name], root, EPISODES[name])
+            make_episodes(name, CONFIGS[name], root, EPISODES[name], video=True)
 
 
 if __name__ == "__main__":

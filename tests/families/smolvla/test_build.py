@@ -264,3 +264,38 @@ def test_episodes_without_the_policys_camera_are_refused(tmp_path):
                      "--no-closed-loop"])
     assert result.exit_code == EXIT_INPUT_ERROR and "wrist" in result.output and "top" in result.output
     assert read_episodes(EPISODES).camera_names == ("top",)
+
+
+def _renamed_camera_policy(tmp_path: Path, new: str) -> Path:
+    """The fixture policy reading its one camera as observation.images.<new>."""
+    ckpt = tmp_path / "policy"
+    shutil.copytree(POLICY, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["input_features"][f"observation.images.{new}"] = config["input_features"].pop("observation.images.top")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    pre = json.loads((ckpt / "policy_preprocessor.json").read_text())
+    for s in pre["steps"]:
+        f = s["config"].get("features")
+        if f and "observation.images.top" in f:
+            f[f"observation.images.{new}"] = f.pop("observation.images.top")
+    (ckpt / "policy_preprocessor.json").write_text(json.dumps(pre))
+    return ckpt
+
+
+def test_smolvla_builds_on_lerobot_video_episodes_through_a_camera_map(tmp_path):
+    """lerobot's default dataset format (AV1 MP4s), a camera named differently than the policy's."""
+    ckpt = _renamed_camera_policy(tmp_path, "wrist")
+    (tmp_path / "r.toml").write_text(RECIPE.replace("steps = 30", "steps = 4").replace("num_samples = 64", "num_samples = 16"))
+    target = _target(tmp_path, "x86-cpu", **{"max_nmse = 0.05": "max_nmse = 10.0", "min_cosine = 0.95": "min_cosine = -1.0"})
+    video = FX / "episodes_video"
+    args = ["--target", str(target), "--checkpoint", str(ckpt), "--tokenizer", str(VLM), "--episodes", str(video),
+            "--recipe", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out"), "--no-cache"]
+    refused = _build(args + ["--camera-map", "wrist=hand"])
+    assert refused.exit_code == EXIT_INPUT_ERROR and "no camera 'hand'" in refused.output and "observation.images.top" in refused.output
+    assert not (tmp_path / "out").exists()
+    result = _build(args + ["--camera-map", "wrist=observation.images.top"])
+    assert result.exit_code in (EXIT_OK, EXIT_GATE_FAILED), result.output
+    assert "video frames in" in result.output  # decode time is in the build log
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["episodes"]["cameras"]["wrist"] == {"feature": "observation.images.top", "storage": "video", "height": 48, "width": 64}
+    assert report["episodes"]["camera_map"] == {"wrist": "observation.images.top"}
