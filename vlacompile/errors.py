@@ -49,5 +49,9 @@ class OutputError(VlaCompileError):
     """An output directory that cannot be written."""
 
 
+class TrainingError(VlaCompileError):
+    """Distillation or recovery training that cannot go on (a non-finite loss or teacher target)."""
+
+
 class MissingDependencyError(VlaCompileError):
     """An optional backend (TensorRT, a simulator) that is not installed."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlacompile.errors import ConfigError
+from vlacompile.errors import ConfigError, TrainingError
 from vlacompile.policy import Policy
 
 
@@ -268,6 +268,12 @@ def make_accelerator():
     return Accelerator(cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
+def _data_source(ctx) -> str:
+    """The episodes the samples came from, for error messages."""
+    root = getattr(getattr(ctx, "train", None), "root", None)
+    return str(root) if root is not None else "the training samples"
+
+
 def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSettings, ctx, *, name: str = "distill") -> dict[str, Any]:
     """Train ``student`` in place to reproduce ``teacher`` on ``samples``; returns loss metrics.
 
@@ -302,6 +308,19 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
     target_seconds = time.perf_counter() - t0
     if main:
         ctx.log(f"{name}: teacher targets for {targets.num_pairs} (observation, noise) pairs in {target_seconds:.1f} s")
+    data = _data_source(ctx)
+    finite = torch.isfinite(targets.actions).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        rows = torch.nonzero(~finite).flatten().tolist()
+        first = rows[0]  # actions are [sample, noise draw, chunk, action]
+        where = (f"episode {int(samples.episode_index[first])} frame {int(samples.frame_index[first])}"
+                 if hasattr(samples, "episode_index") else f"sample {first}")
+        raise TrainingError(
+            f"{name}: the teacher's actions are NaN or infinite on {len(rows)} of {len(finite)} observations "
+            f"(first: {where})",
+            source=data,
+            hint="the teacher or these observations are broken: check the episodes' values and the teacher's weights",
+        )
 
     # Train a copy: wrappers (DDP, FSDP) may rewrite the module they are given.
     from vlacompile.families import get_family
@@ -334,6 +353,13 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
     with tqdm(total=settings.steps, desc=name, disable=not show, mininterval=1.0) as bar:
         for step, batch in enumerate(loader):
             loss = objective(**batch)
+            if not bool(torch.isfinite(loss.detach())):  # training on NaN would run to the end and fail at export
+                raise TrainingError(
+                    f"{name}: the loss is {float(loss.detach())} at step {step + 1} of {settings.steps} (lr {settings.lr:g})",
+                    source=data,
+                    hint="lower the stage's lr, or check the episodes for corrupt values (huge or wrong-unit states "
+                         "and actions); nothing was written",
+                )
             accelerator.backward(loss)
             if settings.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(objective.parameters(), settings.max_grad_norm)

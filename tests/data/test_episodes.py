@@ -380,3 +380,51 @@ def test_split_default_fractions(many):
 def test_split_empty_held_out_raises_with_counts(many):
     with pytest.raises(EpisodeError, match=r"held_out=0\.2 of 2 episode"):
         split_episodes(many.subset([0, 1]), held_out=0.2)
+
+
+def test_absurd_magnitudes_are_refused_when_read(tmp_path):
+    """1e30 is finite, but no robot reports it, and its square overflows float32 statistics."""
+    es = make_synthetic_episodes(2, episode_length=6, image_size=32, seed=0)
+    root = write_episodes(tmp_path / "ds", es)
+    es.episodes[1].state[3, 2] = 1e30
+    with pytest.raises(EpisodeError, match=r"holds 1e\+30 in episode 1 at frame 3"):
+        write_episodes(tmp_path / "ds2", es)  # vlacompile does not write it either
+    path = next((root / "data").rglob("*.parquet"))
+    t = pq.read_table(path)
+    state = np.array(t.column("observation.state").to_pylist(), dtype=np.float32)
+    state[6 + 3, 2] = 1e30
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(state.reshape(-1)), state.shape[1])
+    t = t.set_column(t.column_names.index("observation.state"), "observation.state", arr)
+    pq.write_table(t.replace_schema_metadata(pq.read_schema(path).metadata), path)
+    with pytest.raises(EpisodeError, match=r"holds 1e\+30 in episode 1 at frame 3 \(dimension 2.*not a plausible robot value"):
+        read_episodes(root)
+
+
+def test_empty_stats_json_is_refused(written):
+    (written / "meta" / "stats.json").write_bytes(b"")
+    with pytest.raises(EpisodeError, match=r"stats.json \(the file is empty\)") as e:
+        read_episodes(written)
+    assert "finalize" in e.value.hint
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_gray_or_rgba_frames_for_an_rgb_camera_are_refused(tmp_path, mode):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    es = make_synthetic_episodes(1, episode_length=4, image_size=32, seed=0)
+    root = write_episodes(tmp_path / "ds", es)
+    path = next((root / "data").rglob("*.parquet"))
+    t = pq.read_table(path)
+    col = "observation.images." + es.camera_names[0]
+    rows = t.column(col).to_pylist()
+    buf = io.BytesIO()
+    Image.new(mode, (32, 32)).save(buf, format="PNG")
+    rows[0] = {"bytes": buf.getvalue(), "path": rows[0]["path"]}
+    t = t.set_column(t.column_names.index(col), col, pa.array(rows, type=t.schema.field(col).type))
+    pq.write_table(t.replace_schema_metadata(pq.read_schema(path).metadata), path)
+    with pytest.raises(EpisodeError, match=rf"is a {mode} PNG .* but info.json declares 3 channels"):
+        read_episodes(root)

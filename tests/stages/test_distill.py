@@ -209,6 +209,32 @@ def test_train_to_match_is_usable_on_its_own(teacher, episodes):
     assert out["final_loss"] < out["initial_loss"] and out["processes"] == 1
 
 
+def test_a_non_finite_loss_stops_training_naming_the_data(teacher, episodes):
+    """An absurd learning rate blows the student up: the stage stops at that step instead of training
+    on NaN to the end (and failing at export with a misleading hint)."""
+    from vlacompile.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"distill: the loss is (nan|inf) at step \d+ of 50 \(lr 1e\+30\)") as e:
+        distill.run(Artifact(policy=teacher), replace(SMALL, steps=50, lr=1e30, num_samples=64), make_ctx(teacher, episodes))
+    assert "lower the stage's lr" in e.value.hint
+
+
+def test_non_finite_teacher_targets_are_refused(teacher, episodes):
+    from vlacompile.errors import TrainingError
+
+    broken = load_policy_copy(teacher)
+    with torch.no_grad():
+        next(broken.module.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"the teacher's actions are NaN or infinite on 64 of 64 observations \(first: episode"):
+        distill.run(Artifact(policy=broken), replace(SMALL, steps=5, num_samples=64), make_ctx(broken, episodes))
+
+
+def load_policy_copy(policy):
+    import copy
+
+    return copy.deepcopy(policy)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -213,6 +213,26 @@ def _load_info(root: Path) -> dict:
     return info
 
 
+def _check_stats_file(root: Path) -> None:
+    """meta/stats.json, when present, must be a JSON object: lerobot loads it for every dataset, and an
+    empty or cut-off file means the dataset was not finalised (lerobot's ``finalize()``) or was damaged."""
+    path = root / STATS_PATH
+    if not path.exists():
+        return
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = path.stat().st_size if path.is_file() else 0
+        raise EpisodeError(
+            f"cannot parse stats.json ({'the file is empty' if size == 0 else exc})",
+            source=path,
+            hint="the dataset was not finalised or the file is damaged: restore it, or recompute it with "
+                 "lerobot (LeRobotDataset.finalize() / aggregate_stats)",
+        ) from None
+    if not isinstance(stats, dict):
+        raise EpisodeError("stats.json does not hold a JSON object", source=path, hint="restore meta/stats.json")
+
+
 def _names(feature: dict) -> tuple[str, ...] | None:
     names = feature.get("names")
     if isinstance(names, dict):  # older datasets: {"motors": [...]}
@@ -315,6 +335,11 @@ def _read_episode_meta(root: Path) -> dict[int, dict] | None:
     return out
 
 
+# No robot's state or command is this large in any unit (joint ticks, millimetres, radians); beyond
+# it a value is corrupt, and float32 statistics of it overflow (1e30 squared is infinite).
+MAX_ABS_VALUE = 1e6
+
+
 def _check_finite(arr: np.ndarray, column: str, episode_index: int, source: Path | None) -> None:
     bad = ~np.isfinite(arr)
     if bad.any():
@@ -325,6 +350,16 @@ def _check_finite(arr: np.ndarray, column: str, episode_index: int, source: Path
             f"(dimension {dim}; {int(bad.any(axis=1).sum())} frame(s) affected)",
             source=source,
             hint="drop or repair that episode before compiling (e.g. read_episodes(..., episodes=[...]))",
+        )
+    huge = np.abs(arr) > MAX_ABS_VALUE
+    if huge.any():
+        frame, dim = (int(v) for v in np.argwhere(huge)[0])
+        raise EpisodeError(
+            f"column {column!r} holds {float(arr[frame, dim]):.3g} in episode {episode_index} at frame {frame} "
+            f"(dimension {dim}; {int(huge.any(axis=1).sum())} frame(s) beyond +-{MAX_ABS_VALUE:g}): not a plausible "
+            "robot value",
+            source=source,
+            hint="the values are corrupt or in the wrong unit; repair or drop that episode before compiling",
         )
 
 
@@ -451,6 +486,7 @@ def read_episodes(
     cams = _camera_names(camera_keys, camera_map, info_path)
     hws = {key: _image_hw(features[key], key, info_path) for key in camera_keys}
 
+    _check_stats_file(root)
     tasks_by_index = _read_tasks(root)
     ep_meta = _read_episode_meta(root)
     if video_keys and ep_meta is None:

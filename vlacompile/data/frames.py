@@ -21,6 +21,9 @@ from vlacompile.data.video import VideoPool
 from vlacompile.errors import EpisodeError
 
 
+_MODES = {"L": "gray", "LA": "gray with alpha", "RGBA": "RGB with alpha", "I;16": "16-bit gray", "I": "32-bit gray"}
+
+
 class LazyFrames:
     """Base of the lazy frame sequences: indexing in terms of :meth:`take`."""
 
@@ -148,6 +151,13 @@ class ParquetImageFrames(LazyFrames):
                     raise EpisodeError(f"image {self.column!r} of {self.context} frame {frame} is {im.size[1]}x{im.size[0]} "
                                        f"(HxW), info.json says {h}x{w}", source=self.path,
                                        hint="resize the images or fix the feature's shape in meta/info.json")
+                if im.mode not in ("RGB", "P"):  # P: a palette PNG holds RGB colours
+                    raise EpisodeError(
+                        f"image {self.column!r} of {self.context} frame {frame} is a {im.mode} PNG "
+                        f"({_MODES.get(im.mode, im.mode)}), but info.json declares 3 channels (RGB)",
+                        source=self.path,
+                        hint="store the camera's frames as RGB; a gray or RGBA camera needs its feature's shape "
+                             "and the policy's input to say so")
                 return np.asarray(im.convert("RGB"), dtype=np.uint8)
         except EpisodeError:
             raise
