@@ -70,11 +70,42 @@ def test_keys_chain_and_change_from_the_changed_stage_on(tmp_path):
                        root_key("w" * 64, b"{}", "f" * 64, 0), root_key("w" * 64, b"{}", "e" * 64, 1)):
         assert not set(stage_keys(other_root, _recipe().stages, target, VERSIONS)) & set(base)
     assert not set(stage_keys(root, _recipe().stages, target, {**VERSIONS, "vlacompile-code": "d"})) & set(base)
+    # The target is in the keys of the stages that read it (quantize), not in distill's or export's.
     faster = dataclasses.replace(target, budget=dataclasses.replace(target.budget, control_hz=target.budget.control_hz * 2))
-    assert not set(stage_keys(root, _recipe().stages, faster, VERSIONS)) & set(base)
+    other = stage_keys(root, _recipe().stages, faster, VERSIONS)
+    assert other[:2] == base[:2] and other[2] != base[2]
+    thor = stage_keys(root, _recipe().stages, load_target("jetson-thor"), VERSIONS)
+    assert thor[:2] == base[:2] and thor[2] != base[2]
     # Where the target file lives is not part of it.
     moved = dataclasses.replace(target, path=str(tmp_path / "elsewhere.toml"))
     assert stage_keys(root, _recipe().stages, moved, VERSIONS) == base
+
+
+def test_each_stage_key_holds_its_own_code(tmp_path, monkeypatch):
+    """An edit to the quantisers changes quantize's code hash, not distill's; one to training.py changes
+    distill's. The report, verify and the CLI are in none."""
+    import shutil
+
+    import vlacompile
+    from vlacompile.cache import _hash_tree, stage_code_files
+
+    pkg = Path(shutil.copytree(Path(vlacompile.__file__).parent, tmp_path / "vlacompile",
+                               ignore=shutil.ignore_patterns("__pycache__")))
+    rel = {st: {p.relative_to(pkg).as_posix() for p in stage_code_files(f"vlacompile.stages.{st}", pkg)}
+           for st in ("distill", "prune", "quantize", "export")}
+    assert {"stages/distill.py", "training.py", "families/smolvla/modeling.py", "data/episodes.py"} <= rel["distill"]
+    assert "quantizers/ort.py" not in rel["distill"] and "quantizers/ort.py" in rel["quantize"]
+    assert not any(r.startswith(("report/", "verify/")) or r in ("cli.py", "pipeline.py") for files in rel.values() for r in files)
+
+    def code(st: str) -> str:
+        return _hash_tree(pkg, stage_code_files(f"vlacompile.stages.{st}", pkg))
+
+    before = {st: code(st) for st in rel}
+    (pkg / "quantizers" / "ort.py").write_text((pkg / "quantizers" / "ort.py").read_text() + "\n# edited\n")
+    after = {st: code(st) for st in rel}
+    assert after["distill"] == before["distill"] and after["quantize"] != before["quantize"]
+    (pkg / "training.py").write_text((pkg / "training.py").read_text() + "\n# edited\n")
+    assert code("distill") != before["distill"]
 
 
 def test_episodes_hash_follows_content(tmp_path, tiny_episodes):
@@ -261,7 +292,14 @@ def test_a_warm_rebuild_of_a_split_recipe_keeps_every_graph(tmp_path, tiny_check
                              out=tmp_path / out, calls=20, progress=False, log=lines.append, cache_dir=tmp_path / "cache")
         return r, lines
 
-    (cold, _), (warm, log) = build("cold"), build("warm")
+    # An x86-cpu build first, with the same distillation: the Thor build takes its student from the
+    # cache (distill does not read the target), and runs its own quantize and export.
+    (tmp_path / "x86.toml").write_text(_to_toml({**recipe, "stages": [recipe["stages"][0], {"stage": "export"}]}))
+    vlacompile.build("x86-cpu", checkpoint=tiny_checkpoint_module, episodes=tiny_episodes_module, recipe=tmp_path / "x86.toml",
+                     out=tmp_path / "x86", calls=20, progress=False, log=lambda m: None, cache_dir=tmp_path / "cache")
+    (cold, cold_log), (warm, log) = build("cold"), build("warm")
+    assert any("cache: reusing distill from" in line for line in cold_log), cold_log
+    assert [s["reused"] for s in cold.report["stages"]] == [True, False, False]
     assert any("cache: reusing distill, quantize, export" in line for line in log)
     graphs = ("student.onnx", "system2.onnx", "system1.onnx", "split.json")
     for name in graphs:

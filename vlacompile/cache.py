@@ -1,11 +1,13 @@
 """Content-addressed cache of stage outputs, so an unchanged rebuild redoes no compression work.
 
 Keys form a chain. The root key hashes the build's inputs: the teacher's weights and config.json,
-the episode files and the split seed. Stage i's key hashes stage i-1's key (the root for the first
-stage), the stage's name and canonicalised params, the target profile (without its file path), the
-versions of the tools that shape the output (torch, onnx, onnxruntime, modelopt, vlacompile) and the
-source of the vlacompile modules that compute stage outputs. Change one recipe parameter and that
-stage's key changes, and with it every later key; the stages before it are reused.
+the episode files (and any selection from them) and the split seed. Stage i's key hashes stage i-1's
+key (the root for the first stage), the stage's name and canonicalised params, the versions of the
+tools that shape the output (torch, onnx, onnxruntime, modelopt, vlacompile), the source of the
+stage's module and of every vlacompile module it imports, and the target profile (without its file
+path) for the stages that read it: quantize does; distill, prune and export do not, so building a
+second target with the same distillation reuses it. Change one recipe parameter and that stage's
+key changes, and with it every later key; the stages before it are reused.
 
 An entry is a directory ``<cache>/<key>/`` holding what the stage produced:
 
@@ -26,10 +28,12 @@ hash does not match reads as missing.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -75,13 +79,77 @@ def episodes_hash(ep_dir: Path) -> str:
     return _hash_tree(ep_dir, files)
 
 
-@functools.lru_cache(maxsize=1)
-def code_hash() -> str:
-    """sha256 over the source of the vlacompile modules that compute stage outputs (once per process:
-    the code a process runs is the code it imported)."""
+_MODULE_NAME = re.compile(r"^vlacompile(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def _module_file(pkg: Path, name: str) -> Path | None:
+    parts = name.split(".")[1:]
+    if not parts:
+        return pkg / "__init__.py"
+    rel = Path(*parts)
+    for cand in (pkg / rel.with_suffix(".py"), pkg / rel / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _imports(pkg: Path, path: Path) -> set[str]:
+    """The vlacompile modules ``path`` imports, anywhere in it (lazy imports in functions too), and the
+    module names it spells out as strings (registries such as the families' import by name)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    here = ".".join(("vlacompile", *path.relative_to(pkg).with_suffix("").parts))
+    package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
+    if package.endswith(".__init__"):
+        package = package[: -len(".__init__")]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_NAME.match(node.value):
+            names = [node.value]
+        for name in names:
+            if name.startswith("vlacompile"):
+                # a module, and every package above it (importing a.b.c runs a/__init__ and a/b/__init__)
+                parts = name.split(".")
+                out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def stage_code_hash(stage_module: str) -> str:
+    """sha256 over the source of ``stage_module`` and every vlacompile module it imports, transitively
+    (once per process: the code a process runs is the code it imported). A stage's key changes with
+    its own code, not with an edit to the report or to another stage."""
     pkg = Path(__file__).resolve().parent
-    files = sorted(p for p in pkg.rglob("*.py") if p.relative_to(pkg).parts[0] not in NOT_STAGE_CODE)
-    return _hash_tree(pkg, files)
+    return _hash_tree(pkg, stage_code_files(stage_module, pkg))
+
+
+def stage_code_files(stage_module: str, pkg: Path) -> list[Path]:
+    """The files of the vlacompile package at ``pkg`` that ``stage_module`` runs (NOT_STAGE_CODE aside)."""
+    seen: set[Path] = set()
+    todo = [stage_module]
+    while todo:
+        f = _module_file(pkg, todo.pop())
+        if f is None or f in seen or f.relative_to(pkg).parts[0] in NOT_STAGE_CODE:
+            continue
+        seen.add(f)
+        # The package's own __init__ only re-exports the API lazily (build, load_policy, ...): its
+        # function-level imports are not a stage's code.
+        if f != pkg / "__init__.py":
+            todo.extend(_imports(pkg, f))
+    return sorted(seen)
+
+
+def code_hash() -> str:
+    """The code part of every stage's key; "" to use each stage's own (``stage_code_hash``). Tests pin it."""
+    return ""
 
 
 def key_versions() -> dict[str, str]:
@@ -89,7 +157,7 @@ def key_versions() -> dict[str, str]:
 
     versions = tool_versions()
     keep = ("vlacompile", "torch", "onnx", "onnxruntime", "nvidia-modelopt")
-    return {**{k: versions[k] for k in keep}, "vlacompile-code": code_hash()}
+    return {k: versions[k] for k in keep}
 
 
 def root_key(teacher_weights_sha256: str, teacher_config: bytes, episodes_sha256: str, seed: int) -> str:
@@ -105,13 +173,23 @@ def root_key(teacher_weights_sha256: str, teacher_config: bytes, episodes_sha256
 
 
 def stage_keys(root: str, stages, target, versions: dict[str, str]) -> list[str]:
-    """One key per recipe stage (``StageSpec``s), each chained on the previous one."""
+    """One key per recipe stage (``StageSpec``s), each chained on the previous one: the stage's name and
+    params, the tool versions, its own code, and the target profile only for stages that read it
+    (quantize; distill, prune and export do not), so one distillation serves every target."""
     from vlacompile.config_util import to_dict
+    from vlacompile.stages import STAGES
 
     target_dict = {k: v for k, v in target.to_dict().items() if k != "path"}
+    pinned = code_hash()
     keys, prev = [], root
     for s in stages:
-        prev = _digest({"prev": prev, "stage": s.name, "params": to_dict(s.params), "target": target_dict, "versions": versions})
+        stage = STAGES[s.name]
+        code = versions.get("vlacompile-code") or pinned or stage_code_hash(f"vlacompile.stages.{stage.module}")
+        record = {"prev": prev, "stage": s.name, "params": to_dict(s.params),
+                  "versions": {**versions, "vlacompile-code": code}}
+        if stage.reads_target:
+            record["target"] = target_dict
+        prev = _digest(record)
         keys.append(prev)
     return keys
 

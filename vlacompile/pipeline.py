@@ -382,7 +382,9 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
     from vlacompile.verify import verify
 
     ctx = BuildContext(target=tgt, workdir=tmp, teacher=teacher, train=train, calibration=calib, seed=seed, progress=progress, log=log)
-    root = root_key(inputs["teacher_weights_sha256"] or "", inputs["teacher_config"], inputs["episodes_sha256"], seed)
+    # A selection from the episodes (camera map, state/action names) is part of what the stages read.
+    episodes_key = inputs["episodes_sha256"] + (f":{inputs['episodes_selection']}" if inputs.get("episodes_selection") else "")
+    root = root_key(inputs["teacher_weights_sha256"] or "", inputs["teacher_config"], episodes_key, seed)
     keys = stage_keys(root, rcp.stages, tgt, key_versions())
     produces = [STAGES[s.name].load().kinds(s.params, tgt)[1] for s in rcp.stages]
     n = len(rcp.stages)

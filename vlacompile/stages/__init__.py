@@ -59,14 +59,15 @@ class BuildContext:
 class StageDef:
     name: str
     module: str  # vlacompile.stages.<module>, imported lazily
+    reads_target: bool  # whether its output depends on the target profile (then the target is in its cache key)
 
     def load(self):
         return importlib.import_module(f"vlacompile.stages.{self.module}")
 
 
 STAGES: dict[str, StageDef] = {
-    "distill": StageDef("distill", "distill"),
-    "prune": StageDef("prune", "prune"),
-    "quantize": StageDef("quantize", "quantize"),
-    "export": StageDef("export", "export"),
+    "distill": StageDef("distill", "distill", reads_target=False),
+    "prune": StageDef("prune", "prune", reads_target=False),
+    "quantize": StageDef("quantize", "quantize", reads_target=True),  # the method and symmetry follow the runtime
+    "export": StageDef("export", "export", reads_target=False),
 }
