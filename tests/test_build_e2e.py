@@ -118,8 +118,11 @@ def test_build_passes_and_reports(built):
     assert cl["episodes"] == len(cl["teacher"]["tasks"]) == 9
     for who in ("teacher", "student"):
         assert 0.0 <= cl[who]["success_rate"] <= 1.0
-    assert any(g["name"] == "closed_loop_success_drop" for g in report["gates"]["gates"])
-    assert "Closed loop" in (out / "report.md").read_text()
+    gate = next(g for g in report["gates"]["gates"] if g["name"] == "closed_loop_success_drop")
+    lo, hi = gate["interval"]
+    assert lo <= gate["value"] <= hi and gate["confidence"] == 0.95 and "exact McNemar" in gate["note"]
+    assert cl["comparison"]["paired"]["episodes"] == 9
+    assert "Closed loop" in (out / "report.md").read_text() and "95% interval" in (out / "report.md").read_text()
     # No partial or lock debris beside the output.
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
 

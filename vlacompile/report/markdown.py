@@ -226,16 +226,32 @@ def _closed_loop(report: dict[str, Any]) -> Section:
     cl = report.get("closed_loop")
     if not cl:
         return Section("Closed loop")
-    t, s = cl["teacher"], cl["student"]
-    rows = [["all tasks", fmt(t["success_rate"]), fmt(s["success_rate"]), fmt(cl["comparison"]["drop"])]]
+    t, s, cmp = cl["teacher"], cl["student"], cl["comparison"]
+    paired = cmp.get("paired")  # reports before the paired statistics have none
+
+    def interval(p: dict | None) -> str:
+        return f"[{p['interval'][0]:+.3f}, {p['interval'][1]:+.3f}]" if p else ""
+
+    rows = [["all tasks", fmt(t["success_rate"]), fmt(s["success_rate"]), fmt(cmp["drop"]), interval(paired),
+             f"{paired['p_student_worse']:.3g}" if paired else ""]]
     for task, tt in t["tasks"].items():
-        st = s["tasks"][task]
-        rows.append([task, fmt(tt["success_rate"]), fmt(st["success_rate"]), fmt(tt["success_rate"] - st["success_rate"])])
+        st, pt = s["tasks"][task], cmp["per_task"].get(task, {})
+        rows.append([task, fmt(tt["success_rate"]), fmt(st["success_rate"]), fmt(tt["success_rate"] - st["success_rate"]),
+                     interval(pt if "interval" in pt else None), f"{pt['p_student_worse']:.3g}" if "p_student_worse" in pt else ""])
     lines = [
         f"Suite **{cl['suite']}**: teacher and student each ran {cl['episodes']} episodes from the same seeds "
         f"(seed {cl['seed']}), executing {cl['actions_per_chunk']} actions of each chunk before re-planning."
     ]
-    return Section("Closed loop (success rate)", ["task", "teacher", "student", "drop"], rows, lines)
+    if paired:
+        lines.append(
+            f"Paired comparison ({paired['test']}): {paired['teacher_only']} episodes solved by the teacher only, "
+            f"{paired['student_only']} by the student only; {paired['confidence']:.0%} interval on the drop "
+            f"{interval(paired)}, p = {paired['p_student_worse']:.3g} that a coin gives a drop this large. Verdict: "
+            f"**{paired['verdict']}** (limit {cmp['max_drop']:g}; a drop beyond it fails only when significant)."
+            + (f" About {paired['episodes_to_detect_max_drop']} paired episodes would detect a drop of {cmp['max_drop']:g} "
+               "(80% power, one-sided 0.05)." if paired.get("episodes_to_detect_max_drop") else ""))
+    return Section("Closed loop (success rate)", ["task", "teacher", "student", "drop", "95% interval", "p (student worse)"],
+                   rows, lines)
 
 
 def sections(report: dict[str, Any]) -> list[Section]:

@@ -180,7 +180,8 @@ def evaluate(
 
 
 def compare(teacher: dict, student: dict, max_drop: float) -> dict[str, Any]:
-    """The student's success-rate drop from the teacher's, gated at ``max_drop`` (a fraction, 0.05 = 5 points).
+    """The student's success-rate drop from the teacher's, judged against ``max_drop`` (a fraction,
+    0.05 = 5 points) as a paired comparison (``vlacompile.verify.stats.paired_closed_loop``).
 
     Both results must come from the same suite, seed, tasks and episodes; the per-episode pairing
     then counts episodes only one of them solved (the drop is their difference over all episodes).
@@ -189,9 +190,26 @@ def compare(teacher: dict, student: dict, max_drop: float) -> dict[str, Any]:
     differ = [k for k in keys if teacher[k] != student[k]]
     if differ or list(teacher["tasks"]) != list(student["tasks"]):
         raise ValueError(f"teacher and student were evaluated differently ({differ or ['tasks']}): their success rates are not comparable")
+    from vlacompile.verify.stats import paired_closed_loop
+
     pairs = list(zip(teacher["runs"], student["runs"]))
     drop = teacher["success_rate"] - student["success_rate"]
-    passed = drop <= max_drop + 1e-12
+    b = sum(t["success"] and not s["success"] for t, s in pairs)
+    c = sum(s["success"] and not t["success"] for t, s in pairs)
+    paired = paired_closed_loop(b, c, len(pairs), max_drop)
+    per_task = {}
+    for task in teacher["tasks"]:
+        tp = [(t, s) for t, s in pairs if t["task"] == task]
+        tb = sum(t["success"] and not s["success"] for t, s in tp)
+        tc = sum(s["success"] and not t["success"] for t, s in tp)
+        per_task[task] = {
+            "teacher": teacher["tasks"][task]["success_rate"],
+            "student": student["tasks"][task]["success_rate"],
+            "drop": teacher["tasks"][task]["success_rate"] - student["tasks"][task]["success_rate"],
+            "teacher_only": tb, "student_only": tc,
+            **{k: paired_closed_loop(tb, tc, len(tp), max_drop)[k] for k in ("interval", "p_student_worse")},
+        }
+    passed = paired["verdict"] != "fail"
     return {
         "teacher_success_rate": teacher["success_rate"],
         "student_success_rate": student["success_rate"],
@@ -200,14 +218,8 @@ def compare(teacher: dict, student: dict, max_drop: float) -> dict[str, Any]:
         "passed": passed,
         "status": "pass" if passed else "fail",
         "episodes": len(pairs),
-        "teacher_only": sum(t["success"] and not s["success"] for t, s in pairs),
-        "student_only": sum(s["success"] and not t["success"] for t, s in pairs),
-        "per_task": {
-            task: {
-                "teacher": teacher["tasks"][task]["success_rate"],
-                "student": student["tasks"][task]["success_rate"],
-                "drop": teacher["tasks"][task]["success_rate"] - student["tasks"][task]["success_rate"],
-            }
-            for task in teacher["tasks"]
-        },
+        "teacher_only": b,
+        "student_only": c,
+        "paired": paired,
+        "per_task": per_task,
     }

@@ -52,4 +52,4 @@ def closed_loop(
         **results,
         "comparison": cmp,
     }
-    return section, closed_loop_gate(cmp["drop"], config.max_success_drop, source)
+    return section, closed_loop_gate(cmp, source)

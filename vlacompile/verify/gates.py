@@ -102,6 +102,25 @@ def verdict(gates: list[dict]) -> dict:
     return {"status": status, "passed": status == "passed", "gates": gates}
 
 
-def closed_loop_gate(drop: float, max_drop: float, source: str) -> dict:
-    """The student's closed-loop success-rate drop from the teacher's (measured: both ran here)."""
-    return _gate("closed_loop_success_drop", drop, max_drop, "<=", "", source, estimated=False)
+def closed_loop_gate(comparison: dict, source: str) -> dict:
+    """The student's closed-loop success-rate drop from the teacher's (measured: both ran here), as a
+    paired test: it fails only when the drop exceeds the limit and is beyond chance (stats.paired_closed_loop)."""
+    paired = comparison["paired"]
+    gate = _gate("closed_loop_success_drop", comparison["drop"], comparison["max_drop"], "<=", "", source, estimated=False)
+    lo, hi = paired["interval"]
+    gate["interval"] = paired["interval"]
+    gate["confidence"] = paired["confidence"]
+    gate["p_student_worse"] = paired["p_student_worse"]
+    note = (f"paired over {paired['episodes']} episodes: {paired['teacher_only']} solved by the teacher only, "
+            f"{paired['student_only']} by the student only; drop {comparison['drop']:+.3f}, "
+            f"{paired['confidence']:.0%} interval [{lo:+.3f}, {hi:+.3f}], exact McNemar p = {paired['p_student_worse']:.3g}")
+    if paired["verdict"] == "within noise":
+        gate["status"] = "pass"
+        note += (f"; the drop exceeds {comparison['max_drop']:g} but a coin could produce it (p >= 0.05), so it does "
+                 f"not fail the build; about {paired['episodes_to_detect_max_drop']} episodes would detect a drop of "
+                 f"{comparison['max_drop']:g}")
+    elif paired["verdict"] == "fail":
+        note += "; significant at 0.05"
+    gate["note"] = note
+    gate["verdict"] = paired["verdict"]
+    return gate
