@@ -69,3 +69,25 @@ def test_bootstrap_interval_brackets_the_percentile():
     lo, hi = bootstrap_percentile(x, 99)
     assert lo <= np.percentile(x, 99) <= hi and hi - lo > 0
     assert bootstrap_percentile(x, 99) == (lo, hi)  # seeded
+
+
+def test_interleaved_timing_alternates_and_declares_its_harness():
+    from vlacompile.verify.latency import measure_interleaved
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def get_action(self, obs, noise):
+            calls.append(self.name)
+
+    out = measure_interleaved({"teacher": Fake("t"), "student": Fake("s")}, [object()], [np.zeros(1)], calls=6, warmup=2)
+    assert calls[4:] == ["t", "s", "s", "t", "t", "s", "s", "t", "t", "s", "s", "t"]  # after 2 warm-up rounds
+    for name, r in out.items():
+        assert r["calls"] == 6 and len(r["samples_ms"]) == 6
+        lo, hi = r["intervals"]["p99_ms"]
+        assert lo <= r["p99_ms"] <= hi or np.isclose(hi, r["p99_ms"])
+        assert r["harness"]["timed_calls"] == 6 and r["harness"]["warmup_calls"] == 2
+        assert r["harness"]["interleaved_with"] == [n for n in out if n != name] and "perf_counter_ns" in r["harness"]["clock"]

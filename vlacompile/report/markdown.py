@@ -110,6 +110,16 @@ def _latency(report: dict[str, Any]) -> Section:
                 f"The student's latency on **{student.get('estimated_for')}** is an ESTIMATE (a roofline lower bound from data-sheet "
                 "figures), not a measurement; the host row is measured here and does not stand for the target."
             )
+    for who, m in (("teacher", lat.get("teacher") or {}), ("student", student.get("host_measurement") or student)):
+        iv = m.get("intervals")
+        if iv:
+            lines.append(f"{who} 95% intervals (bootstrap): p50 [{fmt(iv['p50_ms'][0])}, {fmt(iv['p50_ms'][1])}] ms, "
+                         f"p99 [{fmt(iv['p99_ms'][0])}, {fmt(iv['p99_ms'][1])}] ms.")
+    harness = (lat.get("teacher") or {}).get("harness")
+    if harness:
+        lines.append(f"Harness: {harness['warmup_calls']} warm-up and {harness['timed_calls']} timed calls each, batch "
+                     f"{harness['batch']}, clock {harness['clock']}"
+                     + (", teacher and student alternating call by call" if harness.get("interleaved_with") else "") + ".")
     if lat.get("speedup_p50"):
         lines.append(f"Student p50 is {lat['speedup_p50']:.1f}x faster than the teacher's.")
     elif lat.get("host_speedup_p50"):

@@ -64,6 +64,72 @@ def summarize_ms(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
+CLOCK = "time.perf_counter_ns (monotonic, ns)"
+
+
+def summarize_with_intervals(samples_ms: list[float], seed: int = 0) -> dict[str, Any]:
+    """summarize_ms plus a seeded 95% bootstrap interval on p50, p90 and p99."""
+    from vlacompile.verify.stats import bootstrap_percentile
+
+    out: dict[str, Any] = summarize_ms(samples_ms)
+    out["intervals"] = {f"p{q}_ms": list(bootstrap_percentile(samples_ms, q, seed=seed)) for q in (50, 90, 99)}
+    out["interval_method"] = "95% percentile bootstrap over the timed calls (2000 resamples, seeded)"
+    return out
+
+
+def measure_interleaved(
+    runners: dict[str, Runner],
+    observations: list[Observation],
+    noises: list[np.ndarray],
+    *,
+    calls: int = 200,
+    warmup: int = 20,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Time several runners on the same inputs, alternating call by call (A/B/A/B ...): a machine that
+    drifts (thermal, a neighbour's job) slows them alike, so their ratio survives it. Each result is
+    what ``measure_latency`` returns, with intervals and the harness that measured it."""
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+    if not observations or not noises:
+        raise ValueError("timing needs at least one observation and one noise sample")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for i in range(warmup):
+        for r in runners.values():
+            r.get_action(observations[i % len(observations)], noises[i % len(noises)])
+    samples_ns: dict[str, list[int]] = {name: [] for name in runners}
+    steps = range(calls)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="latency (" + " / ".join(runners) + ", interleaved)", unit="call", leave=False)
+    clock = time.perf_counter_ns
+    for i in steps:
+        obs, noise = observations[i % len(observations)], noises[i % len(noises)]
+        order = list(runners.items()) if i % 2 == 0 else list(runners.items())[::-1]  # A/B, then B/A
+        for name, r in order:
+            t0 = clock()
+            r.get_action(obs, noise)
+            samples_ns[name].append(clock() - t0)
+    out = {}
+    for name, r in runners.items():
+        samples_ms = [ns / 1e6 for ns in samples_ns[name]]
+        out[name] = {
+            **summarize_with_intervals(samples_ms),
+            "calls": calls,
+            "warmup": warmup,
+            "samples_ms": samples_ms,
+            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_scope": "whole verify process (teacher, episodes and both runtimes included): an upper bound",
+            "threads": _runner_threads(r),
+            "host_load_1min": load,
+            "harness": {"clock": CLOCK, "warmup_calls": warmup, "timed_calls": calls, "batch": 1,
+                        "threads": _runner_threads(r), "interleaved_with": [n for n in runners if n != name],
+                        "order": "alternating A/B, B/A per call", "timed": "get_action: pre-processing + inference"},
+        }
+    return out
+
+
 def measure_latency(
     runner: Runner,
     observations: list[Observation],
@@ -100,7 +166,7 @@ def measure_latency(
         samples_ns.append(clock() - t0)
     samples_ms = [ns / 1e6 for ns in samples_ns]
     return {
-        **summarize_ms(samples_ms),
+        **summarize_with_intervals(samples_ms),
         "calls": calls,
         "warmup": warmup,
         "samples_ms": samples_ms,
@@ -108,6 +174,8 @@ def measure_latency(
         "peak_rss_scope": "whole verify process (teacher, episodes and both runtimes included): an upper bound",
         "threads": _runner_threads(runner),
         "host_load_1min": load,
+        "harness": {"clock": CLOCK, "warmup_calls": warmup, "timed_calls": calls, "batch": 1,
+                    "threads": _runner_threads(runner), "interleaved_with": [], "timed": "get_action: pre-processing + inference"},
     }
 
 
