@@ -56,6 +56,7 @@ class AccuracyTolerance:
     max_nmse: float  # NMSE vs teacher, normalised by the teacher's per-dimension action variance
     min_cosine: float  # mean cosine similarity of flattened action chunks
     max_abs_error: float | None = None  # worst per-dimension absolute error, physical units
+    min_worst_cosine: float | None = None  # cosine of the worst held-out sample (no gate when unset)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class TargetProfile:
             raise ConfigError(f"accuracy.max_nmse must be positive, got {a.max_nmse}: no model can meet it", source=src)
         if not (-1.0 <= a.min_cosine <= 1.0):
             raise ConfigError(f"accuracy.min_cosine must lie in [-1, 1], got {a.min_cosine}", source=src)
+        if a.min_worst_cosine is not None and not (-1.0 <= a.min_worst_cosine <= 1.0):
+            raise ConfigError(f"accuracy.min_worst_cosine must lie in [-1, 1], got {a.min_worst_cosine}", source=src)
         if a.max_abs_error is not None and not _positive(a.max_abs_error):
             raise ConfigError(f"accuracy.max_abs_error must be positive, got {a.max_abs_error}", source=src)
         for prec, tflops in self.device.peak_tflops.items():

@@ -1,6 +1,7 @@
 """Roofline arithmetic on hand-computed cases, and gate verdicts (an estimate never passes)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from vlacompile.errors import ConfigError
@@ -156,6 +157,23 @@ def test_accuracy_gates():
     assert "max_abs_error" not in g
     g = _by_name(judge(GOOD_ACC, lat, None, _host_target(max_abs_error=0.05), measured=True))
     assert g["max_abs_error"]["status"] == "fail" and g["max_abs_error"]["limit"] == 0.05
+    # The worst held-out sample: a good mean with one observation the student gets wrong.
+    one_bad = {**GOOD_ACC, "worst_cosine": 0.4, "worst_cosine_sample": 17, "samples": 64}
+    assert "worst_sample_cosine" not in _by_name(judge(one_bad, lat, None, _host_target(), measured=True))
+    g = _by_name(judge(one_bad, lat, None, _host_target(min_worst_cosine=0.8), measured=True))
+    assert g["worst_sample_cosine"]["status"] == "fail" and "sample 17 of 64" in g["worst_sample_cosine"]["note"]
+    assert g["cosine"]["status"] == "pass"
+
+
+def test_worst_cosine_is_the_lowest_sample():
+    from vlacompile.verify.accuracy import action_agreement
+
+    t = np.random.default_rng(0).normal(size=(10, 4, 3))
+    s = t.copy()
+    s[6] = -t[6]  # one sample reversed
+    acc = action_agreement(t, s)
+    assert acc["worst_cosine"] == pytest.approx(-1.0) and acc["worst_cosine_sample"] == 6
+    assert acc["cosine"] == pytest.approx(0.8)
 
 
 def _roof(total_ms, weight_mb=10.0):

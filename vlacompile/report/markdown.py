@@ -165,6 +165,8 @@ def _accuracy(report: dict[str, Any]) -> list[Section]:
     rows = [
         ["NMSE vs teacher", fmt(acc["nmse_vs_teacher"]), "per-dimension MSE / teacher variance, averaged; 0 = identical, 1 = the teacher's mean"],
         ["cosine similarity", fmt(acc["cosine"]), "flattened chunks, mean over samples"],
+        *([["worst-sample cosine", fmt(acc["worst_cosine"]), f"sample {acc.get('worst_cosine_sample')}; 5th percentile "
+            f"{fmt(acc.get('cosine_p05'))}"]] if acc.get("worst_cosine") is not None else []),
         ["max abs error", fmt(acc["max_abs_error"]), f"physical units, action dimension {acc.get('max_abs_error_dim')}"],
     ]
     sc = acc.get("teacher_self_consistency")

@@ -46,6 +46,11 @@ def _nmse_per_dim(reference: np.ndarray, other: np.ndarray) -> tuple[np.ndarray,
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Mean over samples of the cosine similarity of the flattened chunks."""
+    return float(_cosines(a, b).mean())
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per sample: the cosine similarity of the flattened chunks."""
     a = a.reshape(a.shape[0], -1)
     b = b.reshape(b.shape[0], -1)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
@@ -54,7 +59,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
         cos = dot / (na * nb)
     # Two all-zero chunks agree perfectly; one zero chunk against a non-zero one does not.
     cos = np.where((na == 0) & (nb == 0), 1.0, np.where((na == 0) | (nb == 0), 0.0, cos))
-    return float(np.clip(cos, -1.0, 1.0).mean())
+    return np.clip(cos, -1.0, 1.0)
 
 
 def _jerk(chunks: np.ndarray) -> float | None:
@@ -83,7 +88,8 @@ def action_agreement(teacher: np.ndarray, student: np.ndarray, recorded: np.ndar
       teacher's mean action. Dimensions where the teacher is (nearly) constant get a variance floor
       (``RELATIVE_FLOOR``, ``CROSS_DIM_FLOOR``) and are listed in ``degenerate_dims``.
     - ``max_abs_error``: the worst absolute error of any action, physical units, and its dimension.
-    - ``cosine``: mean cosine similarity of the flattened chunks.
+    - ``cosine``: mean cosine similarity of the flattened chunks; ``worst_cosine``: the lowest sample's
+      (and which), ``cosine_p05`` its 5th percentile.
     - with ``recorded``: teacher and student against the demonstrations (NMSE normalised by the
       recorded actions' per-dimension variance).
     - ``smoothness``: mean squared jerk of the chunks; compression can keep the error low and still
@@ -96,11 +102,16 @@ def action_agreement(teacher: np.ndarray, student: np.ndarray, recorded: np.ndar
     max_abs = abs_err.max(axis=0)
     rmse = np.sqrt((abs_err**2).mean(axis=0))
     worst = int(np.argmax(max_abs))
+    cos = _cosines(t, s)
     out: dict = {
         "nmse_vs_teacher": float(nmse.mean()),
         "max_abs_error": float(max_abs[worst]),
         "max_abs_error_dim": worst,
-        "cosine": _cosine(t, s),
+        "cosine": float(cos.mean()),
+        # A mean hides the one observation where the student does something else: the worst one is gated too.
+        "worst_cosine": float(cos.min()),
+        "worst_cosine_sample": int(np.argmin(cos)),
+        "cosine_p05": float(np.percentile(cos, 5)),
         "per_dim": [
             {"dim": d, "nmse": float(nmse[d]), "max_abs_error": float(max_abs[d]), "rmse": float(rmse[d])}
             for d in range(t.shape[-1])

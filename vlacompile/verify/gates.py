@@ -55,6 +55,9 @@ def judge(
         _gate("nmse_vs_teacher", accuracy["nmse_vs_teacher"], tol.max_nmse, "<=", "", acc_source, estimated=False),
         _gate("cosine", accuracy["cosine"], tol.min_cosine, ">=", "", acc_source, estimated=False),
     ]
+    if getattr(tol, "min_worst_cosine", None) is not None and accuracy.get("worst_cosine") is not None:
+        gates.append(_gate("worst_sample_cosine", accuracy["worst_cosine"], tol.min_worst_cosine, ">=", "", acc_source,
+                           estimated=False, note=f"held-out sample {accuracy.get('worst_cosine_sample')} of {accuracy.get('samples')}"))
     if tol.max_abs_error is not None:
         gates.append(_gate("max_abs_error", accuracy["max_abs_error"], tol.max_abs_error, "<=", "physical units", acc_source, estimated=False))
 
