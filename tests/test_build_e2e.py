@@ -289,3 +289,40 @@ def test_verify_on_the_cpu_of_an_fp8_artifact_explains_instead_of_crashing(tmp_p
     result = CliRunner().invoke(main, ["verify", str(out), "--runtime", "ort-cpu", "--quiet"])
     assert result.exit_code == EXIT_INPUT_ERROR, result.output
     assert "Traceback" not in result.output and "ONNX Runtime cannot run" in result.output and "Hint:" in result.output
+
+
+def test_baseline_passes_a_rebuild_and_fails_a_regression_and_diff_marks_it(built, tiny_checkpoint_module, tiny_episodes_module):
+    """A rebuild with nothing changed passes --baseline; an untrained student (distill steps = 0) is a
+    regression beyond noise: exit 1, naming the metric. `report diff` marks the same; --junit is JUnit."""
+    import xml.etree.ElementTree as ET
+
+    tmp, out = built["tmp"], built["out"]
+    common = ["--target", str(built["target"]), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module),
+              "--no-closed-loop"]
+    same = _build([*common, "--recipe", str(built["recipe"]), "--out", str(tmp / "again"), "--baseline", str(out),
+                   "--junit", str(tmp / "again.xml")])
+    assert same.exit_code == EXIT_OK, same.output
+    assert "no regression beyond noise" in same.output
+    report = json.loads((tmp / "again" / "report.json").read_text())
+    assert {"baseline:accuracy.nmse_vs_teacher", "baseline:latency.student.p99_ms"} <= set(report["baseline"]["gates"])
+    suites = ET.parse(tmp / "again.xml").getroot()
+    cases = suites.findall("testsuite/testcase")
+    assert suites.tag == "testsuites" and int(suites.get("tests")) == len(cases) == len(report["gates"]["gates"])
+    assert int(suites.get("failures")) == 0 and {c.get("name") for c in cases} >= {"nmse_vs_teacher", "p99_latency_ms"}
+
+    (tmp / "untrained.toml").write_text(built["recipe"].read_text().replace("steps = 60", "steps = 0"))
+    worse = _build([*common, "--recipe", str(tmp / "untrained.toml"), "--out", str(tmp / "worse"), "--baseline", str(out),
+                    "--junit", str(tmp / "worse.xml")])
+    assert worse.exit_code == EXIT_GATE_FAILED, worse.output
+    assert "baseline:accuracy.nmse_vs_teacher" in worse.output and "a regression beyond noise" in worse.output
+    failed = [c.get("name") for c in ET.parse(tmp / "worse.xml").getroot().iter("testcase") if c.find("failure") is not None]
+    assert "baseline:accuracy.nmse_vs_teacher" in failed
+
+    diff = CliRunner().invoke(main, ["report", "diff", str(out), str(tmp / "worse"), "--out", str(tmp / "diff.md")])
+    assert diff.exit_code == 1
+    assert "`accuracy.nmse_vs_teacher`" in diff.output and "**beyond noise**" in diff.output
+    data = json.loads((tmp / "diff.md.json").read_text())
+    row = next(r for r in data["metrics"] if r["metric"] == "accuracy.nmse_vs_teacher")
+    assert row["status"] == "beyond noise" and row["direction"] == "worse" and "recipe" in data["inputs"]
+    nochange = CliRunner().invoke(main, ["report", "diff", str(out), str(tmp / "again")])
+    assert nochange.exit_code == 0, nochange.output

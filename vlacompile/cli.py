@@ -60,8 +60,10 @@ def main() -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VLACOMPILE_CACHE", help="Stage cache directory (env VLACOMPILE_CACHE). Default: ~/.cache/vlacompile.")
 @click.option("--no-cache", is_flag=True, help="Run every stage; neither read nor write the stage cache.")
 @click.option("--no-closed-loop", is_flag=True, help="Skip the recipe's closed-loop evaluation in a simulator (the report then has none).")
+@click.option("--baseline", type=click.Path(path_type=Path), help="An earlier build (directory or report.json): fail (exit 1) when a gate metric is worse beyond noise.")
+@click.option("--junit", type=click.Path(path_type=Path), help="Also write the gates as JUnit XML to this file (one test case per gate).")
 def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, camera_map, state_names, action_names, recipe, out, seed, calls, allow_pickle, quiet, cache_dir,
-          no_cache, no_closed_loop) -> None:
+          no_cache, no_closed_loop, baseline, junit) -> None:
     """Distill, prune, quantise, export and verify a policy for TARGET; write build/<target>/."""
     from vlacompile.pipeline import build as run_build
     from vlacompile.report import summarize
@@ -74,6 +76,8 @@ def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, camera_ma
             allow_unnormalized=allow_unnormalized,
             episodes=episodes,
             camera_map=_camera_map(camera_map),
+            baseline=baseline,
+            junit=junit,
             state_names=_names(state_names),
             action_names=_names(action_names),
             recipe=recipe,
@@ -141,10 +145,20 @@ def targets(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print report.json.")
-def report(artifact: Path, as_json: bool) -> None:
-    """Print the summary of a built ARTIFACT directory (exit code: the build's)."""
+@click.argument("args", nargs=-1, required=True, metavar="ARTIFACT | diff OLD NEW")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json (with diff: the diff as JSON).")
+@click.option("--out", "diff_out", type=click.Path(path_type=Path), help="diff: also write the Markdown to this file (and PATH.json).")
+def report(args: tuple[str, ...], as_json: bool, diff_out: Path | None) -> None:
+    """Print the summary of a built ARTIFACT directory (exit code: the build's), or
+    `report diff OLD NEW`: what changed between two builds, each change within or beyond its noise band
+    (Markdown for a pull-request comment; exit 1 when a gate metric got worse beyond noise)."""
+    if args[0] == "diff":
+        if len(args) != 3:
+            raise click.UsageError("usage: vlacompile report diff OLD NEW")
+        return _report_diff(Path(args[1]), Path(args[2]), as_json, diff_out)
+    if len(args) != 1:
+        raise click.UsageError("usage: vlacompile report ARTIFACT  (or: vlacompile report diff OLD NEW)")
+    artifact = Path(args[0])
     from vlacompile.report import summarize
 
     path = artifact / "report.json"
@@ -158,6 +172,22 @@ def report(artifact: Path, as_json: bool) -> None:
         sys.exit(EXIT_INPUT_ERROR)
     click.echo(json.dumps(data, indent=2) if as_json else summarize(data))
     sys.exit(int(data.get("exit_code", 0)))
+
+
+def _report_diff(old: Path, new: Path, as_json: bool, out: Path | None) -> None:
+    from vlacompile.pipeline import load_report
+    from vlacompile.report.diff import baseline_gates, diff_reports, render_diff_markdown
+
+    try:
+        diff = diff_reports(load_report(old), load_report(new))
+    except VlaCompileError as err:
+        _fail(err)
+    text = json.dumps(diff, indent=2) if as_json else render_diff_markdown(diff)
+    if out is not None:
+        out.write_text(render_diff_markdown(diff))
+        out.with_name(out.name + ".json").write_text(json.dumps(diff, indent=2) + "\n")
+    click.echo(text)
+    sys.exit(1 if any(g["status"] == "fail" for g in baseline_gates(diff, str(old))) else 0)
 
 
 @main.group()

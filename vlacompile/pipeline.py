@@ -200,6 +200,8 @@ def build(
     camera_map: dict[str, str] | None = None,
     state_names: list[str] | None = None,
     action_names: list[str] | None = None,
+    baseline: str | Path | None = None,
+    junit: str | Path | None = None,
 ) -> BuildResult:
     """Compile a VLA checkpoint for a target and verify it. See the README for the exit codes.
 
@@ -209,6 +211,8 @@ def build(
     build a LeRobot checkpoint whose normaliser stats miss some features (see ``load_policy``).
     ``camera_map``: policy camera name -> the dataset camera that feeds it (``{"wrist": "observation.images.hand"}``).
     ``state_names`` / ``action_names``: the dataset's state / action dimensions the policy uses, by name, in its order.
+    ``baseline``: an earlier build (its directory or report.json); a gate metric worse than it beyond
+    noise fails the build (``vlacompile.report.diff``). ``junit``: also write the gates as JUnit XML there.
 
     Stage outputs are cached under ``cache_dir`` (default ``$VLACOMPILE_CACHE`` or
     ``~/.cache/vlacompile``; see ``vlacompile.cache``) unless ``use_cache`` is False.
@@ -229,6 +233,7 @@ def build(
     skipped_closed_loop = None
     out_dir = Path(out) if out is not None else Path("build") / tgt.name
     check_output_dir(out_dir)
+    baseline_report = load_report(baseline) if baseline is not None else None  # read now: out may be the same directory
 
     from vlacompile.checkpoint import load_policy
     from vlacompile.data import read_episodes, split_episodes
@@ -277,6 +282,8 @@ def build(
             report["episodes"] = {"path": str(ep_dir), "train": len(train.episodes), "calibration": len(calib.episodes), "held_out": len(held_out.episodes),
                                   **episodes_format(es, selection)}
             report["seconds"] = round(time.perf_counter() - t_start, 1)
+            if baseline_report is not None:
+                _judge_against_baseline(report, baseline_report, Path(baseline), log)
             from vlacompile.report import write_reports
 
             report["artifact"] = {"dir": str(out_dir), "files": _file_entries(tmp, exclude=REPORT_FILES)}
@@ -286,7 +293,44 @@ def build(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    if junit is not None:
+        from vlacompile.report.junit import write_junit
+
+        write_junit(report, junit)
     return BuildResult(out_dir=out_dir, report=report)
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """A build's report.json, from its directory or the file itself; a clear error otherwise."""
+    path = Path(path)
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise OutputError("no report.json here", source=path, hint="pass a directory written by `vlacompile build` (or its report.json)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"report.json cannot be read ({exc})", source=file, hint="rebuild that artifact") from None
+    if not isinstance(data, dict) or "gates" not in data:
+        raise OutputError("not a vlacompile report (no gates)", source=file, hint="pass a report.json written by `vlacompile build`")
+    return data
+
+
+def _judge_against_baseline(report: dict[str, Any], baseline: dict[str, Any], source: Path, log) -> None:
+    """Add one gate per gate metric against the baseline build; a regression beyond noise fails the build."""
+    from vlacompile.report.diff import baseline_gates, diff_reports
+    from vlacompile.verify.gates import verdict
+
+    diff = diff_reports(baseline, report)
+    gates = baseline_gates(diff, f"against the baseline {source}")
+    report["baseline"] = {"path": str(source), "beyond_noise": diff["beyond_noise"], "gates": [g["name"] for g in gates]}
+    merged = verdict(report["gates"]["gates"] + gates)
+    status = merged["status"]
+    report.update({"gates": merged, "status": status, "passed": merged["passed"]})
+    if status in EXIT_CODES:
+        report["exit_code"] = EXIT_CODES[status]
+    worse = [g for g in gates if g["status"] == "fail"]
+    log(f"baseline: {len(gates)} gate metrics against {source}: "
+        + ("; ".join(f"{g['name']} {g['note']}" for g in worse) if worse else "no regression beyond noise"))
 
 
 def _family_label(policy) -> str:

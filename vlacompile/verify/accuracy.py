@@ -103,8 +103,13 @@ def action_agreement(teacher: np.ndarray, student: np.ndarray, recorded: np.ndar
     rmse = np.sqrt((abs_err**2).mean(axis=0))
     worst = int(np.argmax(max_abs))
     cos = _cosines(t, s)
+    # Each sample's share of the NMSE (same normalisation): their spread gives the estimate's standard
+    # error over the held-out samples, the noise band a comparison of two builds needs.
+    nmse_var = _variance(t.reshape(-1, t.shape[-1]))[0]
+    per_sample = (((s - t) ** 2).mean(axis=1) / nmse_var).mean(axis=1)
     out: dict = {
         "nmse_vs_teacher": float(nmse.mean()),
+        "nmse_standard_error": float(per_sample.std(ddof=1) / np.sqrt(len(per_sample))) if len(per_sample) > 1 else None,
         "max_abs_error": float(max_abs[worst]),
         "max_abs_error_dim": worst,
         "cosine": float(cos.mean()),
