@@ -326,3 +326,21 @@ def test_baseline_passes_a_rebuild_and_fails_a_regression_and_diff_marks_it(buil
     assert row["status"] == "beyond noise" and row["direction"] == "worse" and "recipe" in data["inputs"]
     nochange = CliRunner().invoke(main, ["report", "diff", str(out), str(tmp / "again")])
     assert nochange.exit_code == 0, nochange.output
+
+
+def test_a_rebuild_reuses_the_closed_loop_rollouts(built, tiny_checkpoint_module, tiny_episodes_module):
+    """Same teacher, same student graph, same suite and seeds: the rollouts come from the cache, the
+    latency is measured again; a different episode count runs them again."""
+    tmp = built["tmp"]
+    args = ["--target", str(built["target"]), "--checkpoint", str(tiny_checkpoint_module), "--episodes", str(tiny_episodes_module)]
+    again = _build([*args, "--recipe", str(built["recipe"]), "--out", str(tmp / "cl-again")])
+    assert again.exit_code == EXIT_OK, again.output
+    old = json.loads((built["out"] / "report.json").read_text())["closed_loop"]
+    new = json.loads((tmp / "cl-again" / "report.json").read_text())
+    assert new["closed_loop"]["reused"] is True and "closed loop in suite reaching reused" in again.output
+    assert new["closed_loop"]["student"]["success_rate"] == old["student"]["success_rate"]
+    assert any("closed-loop rollouts were reused" in n for n in new["notes"])
+    (tmp / "more.toml").write_text(built["recipe"].read_text().replace("episodes_per_task = 1", "episodes_per_task = 2"))
+    more = _build([*args, "--recipe", str(tmp / "more.toml"), "--out", str(tmp / "cl-more")])
+    report = json.loads((tmp / "cl-more" / "report.json").read_text())
+    assert report["closed_loop"]["reused"] is False and report["closed_loop"]["episodes"] == 18, more.output

@@ -49,6 +49,7 @@ ENTRY_META = "artifact.json"
 POLICY_DIR = "policy"
 TMP_PREFIX = ".tmp-"
 ARRAYS_NAME = "arrays.npz"
+JSON_NAME = "result.json"
 # Modules whose source decides what a stage writes; the CLI, the report and verify do not.
 NOT_STAGE_CODE = ("cli.py", "pipeline.py", "cache.py", "report", "verify")
 
@@ -323,6 +324,26 @@ class StageCache:
             arrays = {k: data[k] for k in meta["arrays"]}
         os.utime(self._entry(key) / ENTRY_META)
         return arrays
+
+    def put_json(self, key: str, stage: str, value: Any) -> bool:
+        """Store a JSON-ready result (e.g. closed-loop rollouts) under ``key``."""
+
+        def fill(tmp: Path) -> dict:
+            (tmp / JSON_NAME).write_text(json.dumps(value, sort_keys=True))
+            return {"json": JSON_NAME}
+
+        return self._write_entry(key, stage, fill)
+
+    def get_json(self, key: str) -> Any | None:
+        meta = self._verified(key)
+        if meta is None or not meta.get("json"):
+            return None
+        try:
+            value = json.loads((self._entry(key) / JSON_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+        os.utime(self._entry(key) / ENTRY_META)
+        return value
 
     def _write_entry(self, key: str, stage: str, fill) -> bool:
         """Write an entry into a temp dir (``fill`` writes the files and returns metadata), then rename."""

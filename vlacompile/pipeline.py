@@ -496,7 +496,8 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
     )
     if _decode_note(decoded):
         log("verify: held-out episodes" + _decode_note(decoded))
-    extra_gates, readiness = _post_verify_checks(tgt, rcp, teacher, student, artifact, result, tmp, calls, progress, log, held_out)
+    extra_gates, readiness = _post_verify_checks(tgt, rcp, teacher, student, artifact, result, tmp, calls, progress, log, held_out,
+                                                 cache)
     if extra_gates:
         from vlacompile.verify.gates import verdict
 
@@ -578,7 +579,7 @@ def _format_info(policy) -> dict[str, Any]:
 
 
 def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp: Path, calls: int, progress: bool, log,
-                        held_out=None):
+                        held_out=None, cache=None):
     """Checks beside the accuracy/latency gates: closed-loop success (when the recipe configures a
     simulator), TensorRT readiness of every graph (TensorRT targets), per-part latency (split graphs).
     Adds sections to ``result`` and returns (extra gates, readiness report)."""
@@ -586,7 +587,11 @@ def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp:
     if rcp.closed_loop is not None:
         from vlacompile.verify.closed_loop import closed_loop
 
-        section, gate = closed_loop(teacher, artifact.onnx_path, student.spec, tgt, rcp.closed_loop, progress=progress, log=log)
+        section, gate = closed_loop(teacher, artifact.onnx_path, student.spec, tgt, rcp.closed_loop, progress=progress, log=log,
+                                    cache=cache)
+        if section.get("reused"):
+            result["notes"].append("the closed-loop rollouts were reused from the stage cache (same teacher, student graph, "
+                                   "suite, seeds and episodes); latency was measured again")
         result["closed_loop"] = section
         gates.append(gate)
 
