@@ -102,7 +102,8 @@ def measure_interleaved(
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="latency (" + " / ".join(runners) + ", interleaved)", unit="call", leave=False)
+        label = " / ".join(runners) + (", interleaved" if len(runners) > 1 else "")
+        steps = tqdm(steps, desc=f"latency ({label})", unit="call", leave=False)
     clock = time.perf_counter_ns
     for i in steps:
         obs, noise = observations[i % len(observations)], noises[i % len(noises)]
@@ -144,39 +145,7 @@ def measure_latency(
 
     Observations and noises are cycled through, so caches see a realistic stream of inputs.
     """
-    if calls < 1:
-        raise ValueError(f"calls must be >= 1, got {calls}")
-    if not observations or not noises:
-        raise ValueError("measure_latency needs at least one observation and one noise sample")
-    # Other processes on the machine inflate the tail; the report shows how busy it was.
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    for i in range(warmup):
-        runner.get_action(observations[i % len(observations)], noises[i % len(noises)])
-    samples_ns = []
-    steps = range(calls)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc=desc, unit="call", leave=False)
-    clock = time.perf_counter_ns
-    for i in steps:
-        obs, noise = observations[i % len(observations)], noises[i % len(noises)]
-        t0 = clock()
-        runner.get_action(obs, noise)
-        samples_ns.append(clock() - t0)
-    samples_ms = [ns / 1e6 for ns in samples_ns]
-    return {
-        **summarize_with_intervals(samples_ms),
-        "calls": calls,
-        "warmup": warmup,
-        "samples_ms": samples_ms,
-        "peak_rss_mb": _peak_rss_mb(),
-        "peak_rss_scope": "whole verify process (teacher, episodes and both runtimes included): an upper bound",
-        "threads": _runner_threads(runner),
-        "host_load_1min": load,
-        "harness": {"clock": CLOCK, "warmup_calls": warmup, "timed_calls": calls, "batch": 1,
-                    "threads": _runner_threads(runner), "interleaved_with": [], "timed": "get_action: pre-processing + inference"},
-    }
+    return measure_interleaved({desc: runner}, observations, noises, calls=calls, warmup=warmup, progress=progress)[desc]
 
 
 # Runs in a fresh interpreter that imports only numpy and onnxruntime, as a deployed policy process
