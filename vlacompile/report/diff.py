@@ -163,7 +163,7 @@ MARK = {"beyond noise": "**beyond noise**", "changed": "**changed**", "within no
 def render_diff_markdown(diff: dict) -> str:
     """The diff as Markdown for a pull-request comment."""
     lines = [f"## vlacompile: {diff['old']['target']} ({diff['old']['status']}) -> {diff['new']['target']} ({diff['new']['status']})", ""]
-    moved = [r["metric"] for r in diff["metrics"] if r["status"] in ("beyond noise", "changed") and r["direction"] != "same"]
+    moved = diff["beyond_noise"]
     lines.append(f"{len(moved)} figure(s) moved beyond noise: " + (", ".join(f"`{m}`" for m in moved) if moved else "none") + ".")
     lines += ["", "| figure | old | new | change | noise band | verdict |", "|---|---|---|---|---|---|"]
     for r in diff["metrics"]:
@@ -173,9 +173,13 @@ def render_diff_markdown(diff: dict) -> str:
         band_text = " vs ".join(f"[{_fmt(a)}, {_fmt(b)}]" for a, b in band) if isinstance(band, list) \
             else (f"+-{_fmt(band)}" if band is not None else r["band_kind"])
         change = "-" if r["delta"] is None else f"{r['delta']:+.4g} ({r['direction']})"
-        lines.append(f"| `{r['metric']}` | {_fmt(r['old'])} | {_fmt(r['new'])} | {change} | {band_text} | {MARK.get(r['status'], r['status'])} |")
+        verdict = MARK.get(r["status"], r["status"])
+        if r["status"] == "changed" and r["band_kind"] != "exact":
+            verdict = "changed (no noise band to judge it)"
+        lines.append(f"| `{r['metric']}` | {_fmt(r['old'])} | {_fmt(r['new'])} | {change} | {band_text} | {verdict} |")
     if diff["gates"]:
-        lines += ["", "Gates that changed: " + ", ".join(f"`{n}` {v['old']} -> {v['new']}" for n, v in diff["gates"].items())]
+        lines += ["", "Gates that changed: " + ", ".join(f"`{n}` {v['old'] or 'absent'} -> {v['new'] or 'absent'}"
+                                                     for n, v in diff["gates"].items())]
     if diff["inputs"]:
         lines += ["", "Inputs that changed: " + ", ".join(f"`{k}`" for k in diff["inputs"])]
     f = diff["files"]
