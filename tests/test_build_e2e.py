@@ -304,7 +304,7 @@ def test_baseline_passes_a_rebuild_and_fails_a_regression_and_diff_marks_it(buil
     assert same.exit_code == EXIT_OK, same.output
     assert "no regression beyond noise" in same.output
     report = json.loads((tmp / "again" / "report.json").read_text())
-    assert {"baseline:accuracy.nmse_vs_teacher", "baseline:latency.student.p99_ms"} <= set(report["baseline"]["gates"])
+    assert {"baseline:accuracy.nmse_vs_teacher", "baseline:latency.student_over_teacher_p50"} <= set(report["baseline"]["gates"])
     suites = ET.parse(tmp / "again.xml").getroot()
     cases = suites.findall("testsuite/testcase")
     assert suites.tag == "testsuites" and int(suites.get("tests")) == len(cases) == len(report["gates"]["gates"])
