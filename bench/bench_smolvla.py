@@ -142,7 +142,7 @@ def main() -> None:
     print(f"| student, ONNX Runtime FP32, 2 flow steps | {x['student_params'] / 1e6:.0f}M | {il['student']['p50_ms']:.0f} ms | {il['student']['p90_ms']:.0f} ms | {x['nmse_vs_teacher']:.3f} |")
     print(f"\nfull-size teacher vs lerobot on one observation: max |diff| {res['parity_vs_lerobot']['max_abs_diff']:.2g}")
     print(f"ratio p50 {il['ratio_p50']:.2f}x; x86-cpu build {x['build_seconds']:.0f} s (exit {x['exit_code']}), "
-          f"jetson-thor build {t['build_seconds']:.0f} s (exit {t['exit_code']}, reused {t['reused']})")
+          f"jetson-thor build {t['build_seconds']:.0f} s (exit {t['exit_code']}, reused {t.get('reused')})")
     print(f"Thor roofline (estimated, INT8): System 2 {t['roofline']['system2']:.2f} ms + System 1 {t['roofline']['system1']:.2f} ms "
           f"({t['roofline']['system1_steps']} steps) = {t['roofline']['total_ms']:.2f} ms; readiness {t['readiness']}")
 
