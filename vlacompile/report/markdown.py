@@ -119,7 +119,8 @@ def _latency(report: dict[str, Any]) -> Section:
     if harness:
         lines.append(f"Harness: {harness['warmup_calls']} warm-up and {harness['timed_calls']} timed calls each, batch "
                      f"{harness['batch']}, clock {harness['clock']}"
-                     + (", teacher and student alternating call by call" if harness.get("interleaved_with") else "") + ".")
+                     + (", teacher and student alternating call by call" if harness.get("interleaved_with") else
+                        ", teacher and student each alone") + ".")
     if lat.get("speedup_p50"):
         lines.append(f"Student p50 is {lat['speedup_p50']:.1f}x faster than the teacher's.")
     elif lat.get("host_speedup_p50"):
