@@ -45,23 +45,15 @@ def interleaved(assets: Path, out: str, calls: int) -> dict:
     from vlacompile.checkpoint import load_policy
     from vlacompile.data import read_episodes, split_episodes
     from vlacompile.verify import held_out_inputs
-    from vlacompile.verify.latency import summarize_ms
+    from vlacompile.verify.latency import measure_interleaved
 
     teacher = load_policy(assets / "policy", tokenizer=assets / "vlm")
     student = load_policy(assets / out / "student")
     _, _, held = split_episodes(read_episodes(assets / "episodes"), seed=0)
     data = held_out_inputs(held, teacher.spec, max_samples=8, seed=0)
     runners = {"teacher": TorchRunner(teacher), "student": OrtRunner(assets / out / "student.onnx", student.spec)}
-    for r in runners.values():  # warm-up
-        r.get_action(data.observations[0], data.noises[0])
-    ms: dict[str, list[float]] = {k: [] for k in runners}
-    for i in range(calls):
-        obs, noise = data.observations[i % len(data.observations)], data.noises[i % len(data.noises)]
-        for name, r in runners.items():
-            t0 = time.perf_counter_ns()
-            r.get_action(obs, noise)
-            ms[name].append((time.perf_counter_ns() - t0) / 1e6)
-    out_ = {k: summarize_ms(v) for k, v in ms.items()}
+    timed = measure_interleaved(runners, data.observations, data.noises, calls=calls, warmup=1)
+    out_ = {k: {m: v[m] for m in ("p50_ms", "p90_ms", "p99_ms", "intervals")} for k, v in timed.items()}
     out_["ratio_p50"] = out_["teacher"]["p50_ms"] / out_["student"]["p50_ms"]
     out_["threads"] = torch.get_num_threads()
     out_["calls"] = calls
