@@ -1,6 +1,6 @@
 """Policy families: where a checkpoint's architecture is recognised, loaded and described.
 
-One folder per family (``reference/``, ``smolvla/``), each with its configuration, modeling,
+One folder per family (``reference/``, ``smolvla/``, ``pi0/`` for pi0 and pi0.5), each with its configuration, modeling,
 processor and the ``Family`` hooks (``vlacompile.families.base``). A family registers here by
 name; its modules are imported only when a checkpoint of it is met, so the registry stays light.
 ``detect`` reads a checkpoint's ``config.json`` (``model_type``, or LeRobot's ``type``) and names
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, str] = {
     "vlacompile-reference": "vlacompile.families.reference.family",
     "smolvla": "vlacompile.families.smolvla.family",
+    "pi0": "vlacompile.families.pi0.family",
 }
 _LOADED: dict[str, "Family"] = {}
 

@@ -36,6 +36,17 @@ class Step:
     pipeline: Path
 
 
+@dataclass(frozen=True)
+class Camera:
+    """A VISUAL input feature of a policy, as a family's config holds it."""
+
+    key: str  # the policy's feature key, "observation.images.top"
+    name: str  # the observation's camera name (lerobot's rename map applied backwards)
+    height: int
+    width: int
+    normalized: bool = False  # VISUAL normalisation applies (mode not IDENTITY and stats present)
+
+
 @dataclass
 class Feature:
     key: str  # "observation.images.top"
@@ -145,3 +156,72 @@ def feature_stats(state: dict[str, np.ndarray], key: str) -> dict[str, np.ndarra
     """The ``<key>.<stat>`` tensors of a normaliser state, by stat name."""
     prefix = key + "."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+
+
+def norm_map(step: Step | None, path: Path) -> dict[str, str]:
+    """A normaliser step's ``norm_map`` ({feature type: mode}), checked against lerobot's modes."""
+    from vlacompile.lerobot.normalize import MODES
+
+    if step is None:
+        return {}
+    out = {str(k): str(v) for k, v in (step.config.get("norm_map") or {}).items()}
+    bad = {k: v for k, v in out.items() if v not in MODES}
+    if bad:
+        raise CheckpointError(f"norm_map has modes {bad} that lerobot does not define ({list(MODES)})", source=path)
+    return out
+
+
+class Normalisers:
+    """The normaliser / unnormaliser steps of a policy directory, resolved per feature: each
+    feature's mode and its two statistics (as ``normalize.<buffer>.<stat>`` tensors for the
+    family's ``Normalization`` module). lerobot passes a feature it has no statistics for through
+    unnormalised; that is refused unless ``allow_unnormalized``, and then noted."""
+
+    def __init__(self, pd: PolicyDir, allow_unnormalized: bool):
+        self.pd, self.allow_unnormalized = pd, allow_unnormalized
+        self.norm_step, self.unnorm_step = pd.step("pre", "normalizer_processor"), pd.step("post", "unnormalizer_processor")
+        if self.unnorm_step is None:
+            raise CheckpointError("the postprocessor has no unnormalizer_processor step", source=pd.root / POSTPROCESSOR)
+        self.pre_path = pd.root / (self.norm_step.state_file if self.norm_step and self.norm_step.state_file else PREPROCESSOR)
+        self.post_path = pd.root / (self.unnorm_step.state_file or POSTPROCESSOR)
+        self.norm_map = norm_map(self.norm_step, pd.root / PREPROCESSOR)
+        self.unnorm_map = norm_map(self.unnorm_step, pd.root / POSTPROCESSOR)
+        self.pre_stats = pd.step_state(self.norm_step) if self.norm_step else {}
+        self.post_stats = pd.step_state(self.unnorm_step)
+        self.observation_keys = self.norm_step.config.get("normalize_observation_keys") if self.norm_step else None
+        self.buffers: dict[str, Any] = {}
+        self.stats: dict[str, dict[str, list[float]]] = {}  # buffer -> {stat: values}
+        self.notes: list[str] = []
+
+    def mode(self, f: Feature, buffer: str, shape: tuple[int, ...]) -> str:
+        """The mode ``f`` is (un)normalised with; records its statistics under ``buffer``."""
+        import torch
+
+        from vlacompile.lerobot.normalize import STATS_FOR
+
+        output = f.type == "ACTION"
+        if not output and self.norm_step is None:
+            return "IDENTITY"
+        stats, nmap, path = (self.post_stats, self.unnorm_map, self.post_path) if output else (self.pre_stats, self.norm_map, self.pre_path)
+        mode = nmap.get(f.type, "IDENTITY")
+        if not output and self.observation_keys is not None and f.key not in self.observation_keys:
+            return "IDENTITY"
+        if mode == "IDENTITY":
+            return mode
+        have = feature_stats(stats, f.key)
+        needed = STATS_FOR[mode]
+        missing = [s for s in needed if s not in have]
+        if missing:
+            qualified = sorted({k.rsplit(".", 2)[0] for k in stats if k.endswith(tuple(f".{s}" for s in needed))} - {f.key})
+            msg = (f"the normaliser stats do not cover {f.key} (mode {mode} needs {', '.join(needed)}; missing {missing})"
+                   + (f"; the file holds stats for {qualified[:4]}" if qualified else ""))
+            if not self.allow_unnormalized:
+                raise CheckpointError(msg, source=path, hint="lerobot silently passes such a feature through unnormalised; "
+                                      "re-save the processors with the dataset's stats, or pass --allow-unnormalized to compile exactly that")
+            self.notes.append(msg + ": passed through unnormalised, as lerobot does (--allow-unnormalized)")
+            return "IDENTITY"
+        for s in needed:
+            value = np.asarray(have[s], dtype=np.float32).reshape(shape)
+            self.buffers[f"normalize.{buffer}.{s}"] = torch.as_tensor(value)
+            self.stats.setdefault(buffer, {})[s] = [float(v) for v in value.reshape(-1)]
+        return mode

@@ -159,11 +159,11 @@ def test_every_default_recipe_fits_a_smolvla_teacher(target):
 
 
 def test_unknown_lerobot_type_is_named(tmp_path):
-    ckpt = tmp_path / "pi0"
+    ckpt = tmp_path / "groot"
     shutil.copytree(POLICY, ckpt)
     config = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "config.json").write_text(json.dumps({**config, "type": "pi0"}))
-    with pytest.raises(CheckpointError, match="(?s)a lerobot `pi0` checkpoint.*vlacompile supports.*LeRobot SmolVLA"):
+    (ckpt / "config.json").write_text(json.dumps({**config, "type": "groot"}))
+    with pytest.raises(CheckpointError, match="(?s)a lerobot `groot` checkpoint.*GR00T.*vlacompile supports.*LeRobot SmolVLA"):
         load_policy(ckpt, tokenizer=VLM)
 
 

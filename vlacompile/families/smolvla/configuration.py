@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from vlacompile.errors import CheckpointError
+from vlacompile.lerobot.policy_dir import Camera  # noqa: F401  (SmolVLAConfig.cameras)
 
 FAMILY = "smolvla"
 
@@ -31,15 +32,6 @@ def get_intermediate_size(hidden_dim: int, ffn_dim_multiplier: int = 4, multiple
     hidden_dim = int(2 * hidden_dim / 3)
     hidden_dim = int(ffn_dim_multiplier * hidden_dim)
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
-
-
-@dataclass(frozen=True)
-class Camera:
-    key: str  # the policy's feature key, "observation.images.top"
-    name: str  # the observation's camera name (lerobot's rename map applied backwards)
-    height: int
-    width: int
-    normalized: bool = False  # VISUAL normalisation applies (mode not IDENTITY and stats present)
 
 
 @dataclass(frozen=True)

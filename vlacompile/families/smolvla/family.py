@@ -14,12 +14,12 @@ import torch
 from vlacompile.checkpoint import WEIGHTS_NAME, check_and_load_state, read_json, read_weights, sha256_file, weights_digest
 from vlacompile.errors import CheckpointError, ConfigError
 from vlacompile.families.base import Family, Probe, PruneGroup, SplitPlan, evenly_spaced, layers_from_request, part_module
+from vlacompile.families.blocks import slice_layer_tensor
 from vlacompile.families.smolvla.configuration import FAMILY as NAME
 from vlacompile.families.smolvla.configuration import Camera, SmolVLAConfig
 from vlacompile.families.smolvla.modeling import SmolVLA
 from vlacompile.families.smolvla.processor import TOKENIZER_FILE, SmolVLAPreprocessor, TextTokenizer, resolve_vlm_dir
-from vlacompile.lerobot.normalize import MODES, STATS_FOR
-from vlacompile.lerobot.policy_dir import PREPROCESSOR, POSTPROCESSOR, PolicyDir, feature_stats, read_policy_dir
+from vlacompile.lerobot.policy_dir import PREPROCESSOR, POSTPROCESSOR, Normalisers, PolicyDir, read_policy_dir
 from vlacompile.observation import IMAGE_PREFIX
 from vlacompile.policy import CameraSpec, FlowHead, InputSpec, Policy, PolicySpec
 
@@ -350,7 +350,8 @@ class SmolVLAFamily(Family):
                 i_str, _, rest = rest.partition(".")
                 i = int(i_str)
                 j = layers[part][i] if part in layers else i
-                t = _slice(part, rest, src[f"{prefixes[part]}{j}.{rest}"], src_cfg, j, keep.get((part, i), {}))
+                t = slice_layer_tensor(part == "vision", rest, src[f"{prefixes[part]}{j}.{rest}"],
+                                       src_cfg.vision_heads[j] if part == "vision" else 0, keep.get((part, i), {}))
             if t.shape != ref.shape:
                 raise ValueError(f"{name}: sliced shape {tuple(t.shape)} does not match the new config's {tuple(ref.shape)}")
             new_state[name] = t.detach().clone()
@@ -398,31 +399,6 @@ class SmolVLAFamily(Family):
                         "times": list(m.times), "update": {"op": "mul", "value": -1.0 / cfg.num_steps}},
             post=[{"op": "slice", "stop": cfg.action_dim}, *m.normalize.action.inverse_ops()],
         )
-
-
-def _slice(part: str, rest: str, t: torch.Tensor, cfg: SmolVLAConfig, j: int, keep: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One tensor of layer ``j`` of ``part`` sliced to the kept MLP channels / vision heads."""
-    mlp, attn = keep.get("mlp"), keep.get("attn")
-    if mlp is not None:
-        if part == "vision":
-            if rest in ("mlp.fc1.weight", "mlp.fc1.bias"):
-                return t[mlp]
-            if rest == "mlp.fc2.weight":
-                return t[:, mlp]
-        else:
-            if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias"):
-                return t[mlp]
-            if rest == "mlp.down_proj.weight":
-                return t[:, mlp]
-    if attn is not None and part == "vision":
-        heads = cfg.vision_heads[j]
-        hd = t.shape[0] // heads if rest.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) else None
-        if hd is not None:
-            return t.reshape(heads, hd, *t.shape[1:])[attn].reshape(-1, *t.shape[1:])
-        if rest == "self_attn.out_proj.weight":
-            hd = t.shape[1] // heads
-            return t.reshape(t.shape[0], heads, hd)[:, attn].reshape(t.shape[0], -1)
-    return t
 
 
 def flops(cfg: SmolVLAConfig) -> dict[str, float]:
@@ -493,14 +469,6 @@ def _check_steps(pd: PolicyDir) -> None:
                     hint="this pipeline differs from the one lerobot's SmolVLA writes; compile a policy saved by lerobot's make_smolvla_pre_post_processors")
 
 
-def _norm_map(step, path: Path) -> dict[str, str]:
-    norm_map = {str(k): str(v) for k, v in (step.config.get("norm_map") or {}).items()}
-    bad = {k: v for k, v in norm_map.items() if v not in MODES}
-    if bad:
-        raise CheckpointError(f"norm_map has modes {bad} that lerobot does not define ({list(MODES)})", source=path)
-    return norm_map
-
-
 def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_unnormalized: bool, weights_path: Path):
     c = pd.config
     src = pd.root / "config.json"
@@ -522,14 +490,11 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
 
     # Processor pipelines.
     tok_step = pd.step("pre", "tokenizer_processor")
-    norm_step, unnorm_step = pd.step("pre", "normalizer_processor"), pd.step("post", "unnormalizer_processor")
-    if tok_step is None or unnorm_step is None:
+    if tok_step is None or pd.step("post", "unnormalizer_processor") is None:
         raise CheckpointError("the pipelines lack a tokenizer_processor or unnormalizer_processor step", source=pd.root / PREPROCESSOR)
     rename = {str(k): str(v) for k, v in (pd.step("pre", "rename_observations_processor").config.get("rename_map") or {}).items()} \
         if pd.step("pre", "rename_observations_processor") else {}
     back = {v: k for k, v in rename.items()}
-    norm_map = _norm_map(norm_step, pd.root / PREPROCESSOR) if norm_step else {}
-    unnorm_map = _norm_map(unnorm_step, pd.root / POSTPROCESSOR)
 
     inputs, outputs = pd.features("input_features"), pd.features("output_features")
     empty = int(c.get("empty_cameras", 0))
@@ -542,45 +507,15 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
                               f"{[f.key for f in actions]}", source=src)
     state_f, action_f = states[0], actions[0]
 
-    # Normaliser statistics: each feature's mode needs its two statistics; lerobot passes a feature
-    # it has no stats for through unnormalised, which is refused unless asked for.
-    pre_stats = pd.step_state(norm_step) if norm_step else {}
-    post_stats = pd.step_state(unnorm_step)
-    notes: list[str] = []
-    buffers: dict[str, torch.Tensor] = {}
-    observation_keys = norm_step.config.get("normalize_observation_keys") if norm_step else None
-
-    def mode_for(f, stats: dict, nmap: dict, path: Path, buffer: str, shape) -> str:
-        mode = nmap.get(f.type, "IDENTITY")
-        if f.type != "ACTION" and observation_keys is not None and f.key not in observation_keys:
-            return "IDENTITY"
-        if mode == "IDENTITY":
-            return mode
-        have = feature_stats(stats, f.key)
-        needed = STATS_FOR[mode]
-        missing = [s for s in needed if s not in have]
-        if missing:
-            qualified = sorted({k.rsplit(".", 2)[0] for k in stats if k.endswith(tuple(f".{s}" for s in needed))} - {f.key})
-            msg = (f"the normaliser stats do not cover {f.key} (mode {mode} needs {', '.join(needed)}; missing {missing})"
-                   + (f"; the file holds stats for {qualified[:4]}" if qualified else ""))
-            if not allow_unnormalized:
-                raise CheckpointError(msg, source=path, hint="lerobot silently passes such a feature through unnormalised; "
-                                      "re-save the processors with the dataset's stats, or pass --allow-unnormalized to compile exactly that")
-            notes.append(msg + ": passed through unnormalised, as lerobot does (--allow-unnormalized)")
-            return "IDENTITY"
-        for s in needed:
-            buffers[f"normalize.{buffer}.{s}"] = torch.as_tensor(np.asarray(have[s], dtype=np.float32)).reshape(shape)
-        return mode
+    norms = Normalisers(pd, allow_unnormalized)
 
     state_dim, action_dim = state_f.shape[0], action_f.shape[0]
-    pre_path = pd.root / norm_step.state_file if norm_step and norm_step.state_file else pd.root / PREPROCESSOR
-    post_path = pd.root / unnorm_step.state_file if unnorm_step.state_file else pd.root / POSTPROCESSOR
-    state_norm = mode_for(state_f, pre_stats, norm_map, pre_path, "state", (state_dim,)) if norm_step else "IDENTITY"
-    action_norm = mode_for(action_f, post_stats, unnorm_map, post_path, "action", (action_dim,))
+    state_norm = norms.mode(state_f, "state", (state_dim,))
+    action_norm = norms.mode(action_f, "action", (action_dim,))
     cameras = []
     visual_modes = set()
     for i, f in enumerate(visual):
-        mode = mode_for(f, pre_stats, norm_map, pre_path, f"images.{i}", (3, 1, 1)) if norm_step else "IDENTITY"
+        mode = norms.mode(f, f"images.{i}", (3, 1, 1))
         visual_modes.add(mode)
         name = _camera_name(back.get(f.key, f.key))
         cameras.append(Camera(f.key, name, f.shape[1], f.shape[2], normalized=mode != "IDENTITY"))
@@ -677,7 +612,7 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
         raise CheckpointError("the text embedding width differs from the backbone config's hidden_size", source=weights_path,
                               hint="the tokenizer directory's config.json is not this policy's VLM")
     cfg.validate(str(src))
-    return cfg, buffers, notes
+    return cfg, norms.buffers, norms.notes
 
 
 FAMILY = SmolVLAFamily()  # what the registry (vlacompile.families) reads

@@ -1,0 +1,110 @@
+"""pi0 and pi0.5 reproduce lerobot: fixtures made by lerobot 0.6.1 (make_fixtures.py, in the side
+environment) against vlacompile's torch teacher, its exported single graph and its split
+System 2 + System 1 graphs, on the same observations and noise, without lerobot installed.
+
+The four configurations differ in variant (pi0: state token, action-time MLP; pi0.5: adaptive
+RMSNorm, the state as 256-bin prompt tokens), cameras (1 to 3, an empty camera, sizes resized with
+centred padding or not), state/action dims, chunk size, flow steps (3 to 10), depth (2 or 3),
+widths, K/V heads (1, 2, 8), head dims, patch sizes and normalisation modes (MEAN_STD, MIN_MAX,
+QUANTILES, QUANTILE10). The tokenizer step names the gated hub tokenizer, as real checkpoints do;
+the tests pass the local one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from vlacompile.checkpoint import load_policy
+from vlacompile.families import make_preprocessor
+from vlacompile.observation import from_lerobot
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONFIGS = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+TOL = 1e-4  # actions agree to 1e-4 of max(1, |action|), FP32
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def cases(name: str):
+    root = FIXTURES / name
+    arrays = load_file(str(root / "cases.safetensors"))
+    for i, case in enumerate(json.loads((root / "cases.json").read_text())):
+        obs = {f"observation.images.{cam}": arrays[f"{i}.image.{cam}"] for cam in case["cameras"]}
+        obs["observation.state"] = arrays[f"{i}.state"]
+        obs["task"] = case["task"]
+        yield obs, {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}.")}
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    err = np.abs(got.astype(np.float64) - want) / np.maximum(1.0, np.abs(want))
+    assert err.max() <= TOL, f"{what}: worst relative error {err.max():.3g} > {TOL}"
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def fixture(request):
+    root = FIXTURES / request.param
+    return request.param, load_policy(root / "policy", tokenizer=root / "tokenizer")
+
+
+def test_the_fixtures_were_made_by_lerobot():
+    assert len(CONFIGS) >= 2
+    for name in CONFIGS:
+        meta = json.loads((FIXTURES / name / "meta.json").read_text())
+        assert meta["lerobot"].startswith("0.6") and meta["generated_by"].endswith("make_fixtures.py")
+
+
+def test_tokens_match_lerobots_preprocessor(fixture):
+    """pi0: the task and "\\n"; pi0.5: the prompt with the normalised, digitised state."""
+    name, policy = fixture
+    pre = make_preprocessor(policy.spec)
+    for obs, ref in cases(name):
+        feeds = pre(from_lerobot(obs, policy.spec), ref["noise"])
+        np.testing.assert_array_equal(feeds["tokens"][0], ref["tokens"])
+        np.testing.assert_array_equal(feeds["token_mask"][0], ref["token_mask"].astype(bool))
+        assert ("state" in feeds) == (policy.config.variant == "pi0")
+
+
+def test_torch_teacher_reproduces_lerobots_action_chunks(fixture):
+    name, policy = fixture
+    for obs, ref in cases(name):
+        assert_close(policy.predict_chunk(obs, noise=ref["noise"]), ref["actions"], f"{name} torch")
+
+
+def test_the_fixture_outputs_depend_on_noise_images_and_state(fixture):
+    """A parity check that a constant function would pass is no check: the chunks move with every input."""
+    name, policy = fixture
+    obs, ref = next(cases(name))
+    base = policy.predict_chunk(obs, noise=ref["noise"])
+    assert np.abs(policy.predict_chunk(obs, noise=-ref["noise"]) - base).max() > 1e-2
+    cam = next(k for k in obs if k.startswith("observation.images."))
+    assert np.abs(policy.predict_chunk({**obs, cam: 255 - obs[cam]}, noise=ref["noise"]) - base).max() > 1e-4
+    assert np.abs(policy.predict_chunk({**obs, "observation.state": obs["observation.state"] + 1}, noise=ref["noise"]) - base).max() > 1e-3
+    assert np.abs(policy.predict_chunk({**obs, "task": "push"if obs["task"] != "push" else "open"}, noise=ref["noise"]) - base).max() > 1e-4
+
+
+def test_exported_single_and_split_graphs_reproduce_lerobot(fixture, tmp_path):
+    from vlacompile.backends.onnxrt import OrtRunner
+    from vlacompile.backends.split import SplitRunner
+    from vlacompile.stages.export import export_policy, export_split
+
+    name, policy = fixture
+    export_policy(policy, tmp_path / "student.onnx")
+    export_split(policy, tmp_path)
+    single = OrtRunner(tmp_path / "student.onnx", policy.spec, threads=1)
+    split = SplitRunner(tmp_path, policy.spec, threads=1)
+    for obs, ref in cases(name):
+        o = from_lerobot(obs, policy.spec)
+        assert_close(single.get_action(o, ref["noise"]), ref["actions"], f"{name} single graph")
+        assert_close(split.get_action(o, ref["noise"]), ref["actions"], f"{name} split graphs")
+
+
+def test_float_frames_are_read_as_lerobot_decodes_them(fixture):
+    """LeRobot hands cameras as float [3, H, W] = uint8 / 255; the same frames give the same chunk."""
+    name, policy = fixture
+    obs, ref = next(cases(name))
+    as_float = {k: (v.transpose(2, 0, 1).astype(np.float32) / 255.0 if k.startswith("observation.images.") else v) for k, v in obs.items()}
+    np.testing.assert_array_equal(policy.predict_chunk(as_float, noise=ref["noise"]), policy.predict_chunk(obs, noise=ref["noise"]))
