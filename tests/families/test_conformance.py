@@ -19,22 +19,30 @@ from vlacompile.observation import ObservationBatch
 from vlacompile.stages.prune import top_k
 
 SMOLVLA = Path(__file__).parent / "smolvla" / "fixtures"
+PI0 = Path(__file__).parent / "pi0" / "fixtures"
 
 
 def _smolvla(name: str = "two_cams_every3"):
     return load_policy(SMOLVLA / name / "policy", tokenizer=SMOLVLA / name / "vlm")
 
 
+def _pi0(name: str):
+    return lambda: load_policy(PI0 / name / "policy", tokenizer=PI0 / name / "tokenizer")
+
+
+# "family" or "family:variant" -> a small policy of it
 POLICIES = {
     "vlacompile-reference": lambda: make_tiny_policy(make_tiny_config(), make_tiny_episode_set()),
     "smolvla": _smolvla,
+    "pi0": _pi0("pi0_two_cams"),
+    "pi0:pi05": _pi0("pi05_two_cams"),
 }
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_every_registered_family_is_covered():
-    assert sorted(POLICIES) == known_families()
+    assert sorted({k.split(":")[0] for k in POLICIES}) == known_families()
 
 
 @pytest.fixture(scope="module", params=sorted(POLICIES))

@@ -221,7 +221,12 @@ class Normalisers:
             self.notes.append(msg + ": passed through unnormalised, as lerobot does (--allow-unnormalized)")
             return "IDENTITY"
         for s in needed:
-            value = np.asarray(have[s], dtype=np.float32).reshape(shape)
+            value = np.asarray(have[s], dtype=np.float32)
+            if value.size != int(np.prod(shape)):
+                raise CheckpointError(f"the normaliser's {f.key}.{s} has {value.size} values; the feature's shape is {list(shape)}",
+                                      source=path, hint="the processor files come from another policy or dataset; copy the directory "
+                                      "lerobot saved together")
+            value = value.reshape(shape)
             self.buffers[f"normalize.{buffer}.{s}"] = torch.as_tensor(value)
             self.stats.setdefault(buffer, {})[s] = [float(v) for v in value.reshape(-1)]
         return mode

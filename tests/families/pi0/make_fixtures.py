@@ -21,7 +21,9 @@ For every configuration in CONFIGS this writes:
   as in real checkpoints (lerobot ran with the local directory);
 * ``cases.safetensors`` + ``cases.json``: observations (uint8 frames, state, task), the initial
   noise passed explicitly, the preprocessor's tokens / mask, and the chunk lerobot returned;
-* ``meta.json``: versions and the configuration.
+* ``meta.json``: versions and the configuration;
+* for the configurations in EPISODES, ``episodes/``: a small LeRobotDataset v3 (image mode) written
+  with lerobot's recording API, with the policy's features (the SmolVLA fixtures' writer).
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ CONFIGS = {
         norm={"VISUAL": "IDENTITY", "STATE": "QUANTILE10", "ACTION": "MEAN_STD"},
     ),
 }
+EPISODES = {"pi0_two_cams": dict(episodes=10, length=12, fps=30), "pi05_two_cams": dict(episodes=10, length=12, fps=30)}
 TASKS = ["pick up the red cube", "Open_the top DRAWER and\nput the bowl on the plate", "push"]
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
@@ -254,11 +257,25 @@ def generate(name: str, c: dict, root: Path) -> None:
     print(f"{name}: {sum(p.numel() for p in policy.parameters())} params, actions {tuple(actions.shape)}", flush=True)
 
 
+def make_episodes(name: str, c: dict, root: Path, e: dict) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smolvla_fixtures", HERE.parent / "smolvla" / "make_fixtures.py")
+    smolvla = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smolvla)
+    smolvla.make_episodes(name, c, root, e)
+
+
 def main() -> None:
     args = sys.argv[1:]
+    episodes_only = "--episodes-only" in args  # the datasets alone, leaving the policies as they are
+    args = [a for a in args if a != "--episodes-only"]
     root = Path(args[0]) if args else HERE / "fixtures"
     for name in args[1:] or list(CONFIGS):
-        generate(name, CONFIGS[name], root)
+        if not episodes_only:
+            generate(name, CONFIGS[name], root)
+        if name in EPISODES:
+            make_episodes(name, CONFIGS[name], root, EPISODES[name])
 
 
 if __name__ == "__main__":

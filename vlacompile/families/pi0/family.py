@@ -50,8 +50,9 @@ KEY_MAP = (
 UNUSED = (LEROBOT + "paligemma.lm_head.", LEROBOT + "gemma_expert.lm_head.")  # pi0 never decodes text
 EMBED = LEROBOT + "paligemma.model.language_model.embed_tokens.weight"
 PARTS = ("vision", "backbone", "expert")
-DEFAULT_QUANT_EXCLUDE = ("vision.embeddings.patch_embedding", "state_proj", "action_in_proj", "action_out_proj",
-                         "action_time_mlp_in", "time_mlp_in")
+# Kept in higher precision: the pixel and flow-time inputs and the action projections.
+DEFAULT_QUANT_EXCLUDE = {"pi0": ("vision.embeddings.patch_embedding", "state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in"),
+                         "pi05": ("vision.embeddings.patch_embedding", "action_in_proj", "action_out_proj", "time_mlp_in")}
 
 
 def to_module_key(key: str) -> str | None:
@@ -337,8 +338,8 @@ class Pi0Family(Family):
         norm = policy.module.normalize.state
         return None if norm.mode == "IDENTITY" else (norm.scale() * torch.ones(policy.config.state_dim)).numpy()
 
-    def default_quant_excludes(self, config) -> tuple[str, ...]:
-        return DEFAULT_QUANT_EXCLUDE
+    def default_quant_excludes(self, config: Pi0Config) -> tuple[str, ...]:
+        return DEFAULT_QUANT_EXCLUDE[config.variant]
 
     def flops(self, config: Pi0Config) -> dict[str, float]:
         return flops(config)
@@ -442,6 +443,11 @@ def _check_pipelines(pd: PolicyDir, variant: str) -> None:
 def _resolve_config(pd: PolicyDir, variant: str, tok_dir: Path, state: dict, allow_unnormalized: bool, weights_path: Path):
     c = pd.config
     src = pd.root / "config.json"
+    adaptive = LEROBOT + "gemma_expert.model.layers.0.input_layernorm.dense.weight" in state
+    if adaptive != (variant == "pi05"):
+        raise CheckpointError(f"config.json says type {variant!r} but the expert's norms are "
+                              f"{'adaptive (pi0.5)' if adaptive else 'plain (pi0)'}", source=weights_path,
+                              hint="config.json and the weights come from different policies")
     _check_pipelines(pd, variant)
     if int(c.get("n_obs_steps", 1)) != 1:
         raise CheckpointError(f"n_obs_steps is {c['n_obs_steps']}; pi0 runs on one observation", source=src)
@@ -497,11 +503,6 @@ def _resolve_config(pd: PolicyDir, variant: str, tok_dir: Path, state: dict, all
     if n_text != n_expert:
         raise CheckpointError(f"the weights hold {n_text} backbone layers and {n_expert} expert layers; pi0 pairs them",
                               source=weights_path)
-    adaptive = f"{et}.0.input_layernorm.dense.weight" in state
-    if adaptive != (variant == "pi05"):
-        raise CheckpointError(f"config.json says type {variant!r} but the expert's norms are "
-                              f"{'adaptive (pi0.5)' if adaptive else 'plain (pi0)'}", source=weights_path,
-                              hint="config.json and the weights come from different policies")
     patch = shape(f"{vt}.embeddings.patch_embedding.weight")
     v_hidden, patch_size = patch[0], patch[2]
     n_pos = shape(f"{vt}.embeddings.position_embedding.weight")[0]
