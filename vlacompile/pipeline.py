@@ -554,6 +554,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
             "weights_sha256": teacher.meta.get("weights_sha256"),
         },
         "student": {
+            "family": student.family,
             "params": student.num_parameters(),
             "flow_steps": student.spec.flow_steps,
             "precision": artifact.precision,

@@ -6,6 +6,14 @@
 Giving the student the SAME initial noise as the teacher makes the teacher's K-step flow
 integration the target of the student's k-step one: with k < K this is step distillation.
 
+A student of another family (another head: its own noise shape, time convention, normalisation)
+cannot share the teacher's noise. It learns from teacher-labelled chunks instead (``objective =
+"flow"``): the teacher's chunks for several noise draws per observation, in physical units,
+matched to the student's actions by name and cut to its chunk, are the data the student's own
+flow head is trained on with flow matching (x_t between fresh noise and the chunk in the student's
+x space, the velocity as target), through the family's split plan (System 2 once, one System 1
+step). Each model reads the same raw observations through its own preprocessor.
+
 The loop runs on Hugging Face Accelerate, so the same code trains in-process on one CPU or GPU and
 under ``accelerate launch`` on many (DDP; FSDP through Accelerate's config). Batches are split
 across processes (``split_batches``): the global batch, the data order and hence the result do not
@@ -39,6 +47,7 @@ class MatchSettings:
     warmup_fraction: float = 0.05
     max_grad_norm: float = 1.0
     target_batch_size: int = 64  # teacher inference batch when computing targets
+    objective: str = "match"  # "match": shared-noise chunk matching; "flow": flow matching on teacher-labelled chunks
     log_points: int = 10  # loss values logged (and kept in the loss curve) over the run
 
 
@@ -180,30 +189,46 @@ def teacher_targets(
 
 
 class _PairDataset(torch.utils.data.Dataset):
-    """(observation, noise, teacher actions[, teacher features]) by pair index; fetched a batch at a time."""
+    """(observation, noise, teacher actions[, teacher features]) by pair index; fetched a batch at a time.
 
-    def __init__(self, targets: Targets, noise_name: str):
+    ``inputs``: the student's model inputs per sample (its own preprocessor) when they differ from
+    the teacher's. ``flow``: (noise shape, seed): instead of the teacher's noise, a fresh noise and
+    flow time per visit, drawn from the visit's position so the stream is the same on any number of
+    processes (the sampler then yields (position, pair) tuples)."""
+
+    def __init__(self, targets: Targets, noise_name: str, inputs: dict[str, torch.Tensor] | None = None,
+                 flow: tuple[tuple[int, ...], int] | None = None):
         self.t = targets
+        self.inputs = inputs if inputs is not None else targets.inputs
         self.noise_name = noise_name
         self.r = targets.noise.shape[1]
         self.noise = targets.noise.flatten(0, 1)
         self.actions = targets.actions.flatten(0, 1)
+        self.flow = flow
 
     def __len__(self) -> int:
         return self.t.num_pairs
 
-    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+    def __getitems__(self, idx: list) -> dict[str, torch.Tensor]:
+        if self.flow is not None:
+            pos, idx = [p for p, _ in idx], [j for _, j in idx]
         j = torch.as_tensor(idx, dtype=torch.long)
         s = j // self.r
-        batch = {k: v[s] for k, v in self.t.inputs.items()}
-        batch[self.noise_name] = self.noise[j]
+        batch = {k: v[s] for k, v in self.inputs.items()}
         batch["target"] = self.actions[j]
+        if self.flow is None:
+            batch[self.noise_name] = self.noise[j]
+        else:
+            shape, seed = self.flow
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + p) for p in pos]
+            batch[self.noise_name] = torch.stack([torch.randn(shape, generator=g) for g in gens])
+            batch["flow_u"] = torch.stack([torch.rand((), generator=g) for g in gens])
         if self.t.features is not None:
             batch["features"] = self.t.features[s]
             batch["feature_mask"] = self.t.feature_mask[s]
         return batch
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
 
@@ -212,21 +237,25 @@ def _batch_as_is(batch):
 
 
 class _EpochSampler(torch.utils.data.Sampler[int]):
-    """``total`` indices: seeded permutations of range(n) back to back. The same on every process."""
+    """``total`` indices: seeded permutations of range(n) back to back. The same on every process.
+    ``with_position``: (position in the stream, index) tuples."""
 
-    def __init__(self, n: int, total: int, seed: int):
-        self.n, self.total, self.seed = n, total, seed
+    def __init__(self, n: int, total: int, seed: int, with_position: bool = False):
+        self.n, self.total, self.seed, self.with_position = n, total, seed, with_position
 
     def __len__(self) -> int:
         return self.total
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator:
         g = torch.Generator().manual_seed(self.seed)
         done = 0
         while done < self.total:
             perm = torch.randperm(self.n, generator=g)[: self.total - done]
+            if self.with_position:
+                yield from zip(range(done, done + len(perm)), perm.tolist())
+            else:
+                yield from perm.tolist()
             done += len(perm)
-            yield from perm.tolist()
 
 
 class _MatchObjective(nn.Module):
@@ -251,6 +280,69 @@ class _MatchObjective(nn.Module):
             per_sample = (err * m).sum(-1) / m.sum(-1).clamp_min(1.0)
             loss = loss + self.feature_loss_weight * per_sample.mean()
         return loss
+
+
+class _FlowObjective(nn.Module):
+    """Flow matching of a student of another family on the teacher's chunks (``objective = "flow"``).
+
+    The teacher's chunk (physical units, [B, chunk_T, A_T]) is cut to the student's chunk, its
+    actions picked by name, and mapped into the student's x space by inverting the split plan's
+    post ops (padding dimensions 0). With the plan's integrator running from t0 over D = K * dt:
+    x_t = noise + u (a - noise) at t = t0 + u D, and the target velocity is (a - noise) / D. The loss
+    is the mean squared error over the student's real action dimensions."""
+
+    def __init__(self, student: Policy, module: nn.Module, action_index: list[int]):
+        super().__init__()
+        from dataclasses import replace
+
+        from vlacompile.families import get_family
+
+        self.student = module
+        self.spec = student.spec
+        plan = get_family(student.family).split_plan(replace(student, module=module))
+        object.__setattr__(self, "_plan", plan)  # views sharing self.student's children: not registered twice
+        integ = plan.integrator
+        k = len(integ["times"])
+        step = float(integ["update"]["value"])
+        self.t0 = float(integ["times"][0])
+        self.span = (step if integ["update"]["op"] == "mul" else 1.0 / step) * k
+        self.register_buffer("action_index", torch.as_tensor(action_index, dtype=torch.long), persistent=False)
+        self.chunk, self.width = student.spec.chunk_size, student.spec.noise_shape[-1]
+        self.action_dim = student.spec.action_dim
+
+    def forward(self, target, flow_u, **inputs) -> torch.Tensor:
+        from vlacompile.families.base import apply_ops, invert_ops
+
+        plan = self._plan
+        values = dict(inputs)
+        for d in plan.derived:
+            values[d["output"]] = apply_ops(values[d["input"]], d["ops"])
+        carry = plan.system2(*[values[n] for n in plan.system2_inputs])
+        carry = carry if isinstance(carry, tuple) else (carry,)
+        values.update(zip(plan.system2_outputs, carry))
+        a = invert_ops(target[:, : self.chunk].index_select(-1, self.action_index), plan.post, self.width)
+        noise = values[plan.integrator["init"]]
+        u = flow_u.reshape(-1, *([1] * (noise.dim() - 1)))
+        values[plan.integrator["x"]] = noise + u * (a - noise)
+        values[plan.integrator["t"]] = self.t0 + flow_u * self.span
+        v = plan.system1(*[values[n] for n in plan.system1_inputs])
+        return ((v - (a - noise) / self.span)[..., : self.action_dim] ** 2).mean()
+
+
+def action_index(student_spec, teacher_spec) -> list[int]:
+    """For each of the student's actions, the teacher's action with its name (or at its position
+    when either side has no names)."""
+    s, t = student_spec.action_names, teacher_spec.action_names
+    if s is None or t is None:
+        if student_spec.action_dim > teacher_spec.action_dim:
+            raise ConfigError(f"the student emits {student_spec.action_dim} actions, the teacher {teacher_spec.action_dim}",
+                              source="recipe stage distill")
+        return list(range(student_spec.action_dim))
+    missing = [n for n in s if n not in t]
+    if missing:
+        raise ConfigError(f"the student's actions {missing} are not among the teacher's {list(t)}", source="recipe stage distill",
+                          hint="a student can only learn actions its teacher emits")
+    return [list(t).index(n) for n in s]
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -325,8 +417,18 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
     # Train a copy: wrappers (DDP, FSDP) may rewrite the module they are given.
     from vlacompile.families import get_family
 
-    action_std = get_family(teacher.family).action_scale(teacher)
-    objective = _MatchObjective(student, copy.deepcopy(student.module), action_std, settings.feature_loss_weight)
+    flow = settings.objective == "flow"
+    if flow:
+        if settings.feature_loss_weight > 0:
+            raise ConfigError("distill.feature_loss_weight > 0 needs a student of the teacher's family (its prefix features)",
+                              source=f"recipe stage {name.split()[0]}", hint="set feature_loss_weight = 0")
+        if student.spec.chunk_size > teacher.spec.chunk_size:
+            raise ConfigError(f"the student's chunk ({student.spec.chunk_size}) is longer than the teacher's ({teacher.spec.chunk_size})",
+                              source=f"recipe stage {name.split()[0]}")
+        objective = _FlowObjective(student, copy.deepcopy(student.module), action_index(student.spec, teacher.spec))
+    else:
+        action_std = get_family(teacher.family).action_scale(teacher)
+        objective = _MatchObjective(student, copy.deepcopy(student.module), action_std, settings.feature_loss_weight)
     objective.train()
     optimizer = torch.optim.AdamW(_param_groups(objective.student, settings.weight_decay), lr=settings.lr, foreach=True)
     warmup = max(1, round(settings.warmup_fraction * settings.steps))
@@ -337,10 +439,13 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, settings.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    same_inputs = student.spec.inputs == teacher.spec.inputs
+    dataset = _PairDataset(targets, noise_input(student.spec), inputs=None if same_inputs else model_inputs(student, samples),
+                           flow=(tuple(student.spec.noise_shape), ctx.seed) if flow else None)
     loader = torch.utils.data.DataLoader(
-        _PairDataset(targets, noise_input(student.spec)),
+        dataset,
         batch_size=settings.batch_size,
-        sampler=_EpochSampler(targets.num_pairs, settings.steps * settings.batch_size, ctx.seed),
+        sampler=_EpochSampler(targets.num_pairs, settings.steps * settings.batch_size, ctx.seed, with_position=flow),
         drop_last=True,
         collate_fn=_batch_as_is,
     )

@@ -177,7 +177,7 @@ def test_flops_agree_with_torchs_counter(policy):
     family = get_family(policy.family)
     plan = family.split_plan(policy)
     x = {k: torch.from_numpy(v) for k, v in feeds_for(policy, batch=1).items()}
-    from vlacompile.stages.export import apply_ops
+    from vlacompile.families.base import apply_ops
 
     values = dict(x)
     for d in plan.derived:

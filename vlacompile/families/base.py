@@ -121,6 +121,36 @@ class SplitPlan:
     system1_outputs: tuple[str, ...] = ("velocity",)
 
 
+def apply_ops(x, ops: list[dict[str, Any]]):
+    """A split plan's elementwise ops on a torch tensor or numpy array, in float32, in order."""
+    import torch
+
+    for op in ops:
+        if op["op"] == "slice":
+            x = x[..., : op["stop"]]
+            continue
+        v = op["value"]
+        v = torch.tensor(v, dtype=torch.float32, device=x.device) if isinstance(x, torch.Tensor) else np.asarray(v, dtype=np.float32)
+        x = {"add": lambda a: a + v, "sub": lambda a: a - v, "mul": lambda a: a * v, "div": lambda a: a / v}[op["op"]](x)
+    return x
+
+
+def invert_ops(x: "torch.Tensor", ops: list[dict[str, Any]], width: int) -> "torch.Tensor":
+    """The inverse of ``apply_ops(., ops)``: physical actions -> the integrator's x space, a slice
+    undone by zero padding to ``width`` (the padded dimensions a flow head is trained on as 0)."""
+    import torch
+    import torch.nn.functional as F
+
+    inverse = {"add": "sub", "sub": "add", "mul": "div", "div": "mul"}
+    for op in reversed(ops):
+        if op["op"] == "slice":
+            x = F.pad(x, (0, width - x.shape[-1]))
+            continue
+        v = torch.tensor(op["value"], dtype=torch.float32, device=x.device)
+        x = {"add": lambda a: a + v, "sub": lambda a: a - v, "mul": lambda a: a * v, "div": lambda a: a / v}[inverse[op["op"]]](x)
+    return x
+
+
 # ---------------------------------------------------------------------------------------------
 # The protocol
 
@@ -197,6 +227,13 @@ class Family(ABC):
     def student_config(self, config, layers: dict[str, list[int]], mlp: dict[str, list[int]], flow_steps: int | None):
         """The config of a student keeping ``layers`` (teacher indices per part) with ``mlp``
         channels per kept layer and ``flow_steps`` (None keeps the teacher's)."""
+
+    def new_student(self, teacher: Policy, shape: dict[str, Any], stats: dict[str, dict[str, np.ndarray]], source: str) -> Policy:
+        """A freshly initialised policy of THIS family that reads ``teacher``'s cameras and state and
+        emits its actions (cross-family distillation): ``shape`` is the recipe's ``distill.student``
+        (less ``family``), ``stats`` the training episodes' statistics (physical units)."""
+        raise ConfigError(f"the {self.label} family cannot be built as a student of another family's teacher",
+                          source=source, hint="distil into the teacher's own family, or into vlacompile-reference")
 
     def describe(self, config) -> str:
         """A short shape description for logs ("3+3+2 layers, 2 flow steps")."""

@@ -13,6 +13,12 @@ steps. The family resolves them under its own constraints (SmolVLA: which layers
 self- or cross-attention, how the expert maps onto the VLM layers); ``per_family`` overrides them for
 one family. The student is initialised from the stage's input policy (the teacher when distill
 comes first) and always trained against the build's teacher (``ctx.teacher``).
+
+``student = { family = "vlacompile-reference", layers = 2, width = 128, ... }`` asks for a student of
+another family, freshly initialised by that family (``Family.new_student``) to read the teacher's
+cameras and state and emit its actions. Its head differs from the teacher's, so it cannot share
+the teacher's noise: it learns from teacher-labelled chunks (``noises_per_sample`` draws per
+observation) with flow matching (``objective = "auto"`` picks "flow" for it, "match" otherwise).
 """
 from __future__ import annotations
 
@@ -52,6 +58,9 @@ class Params:
     # otherwise sees few object/goal positions, and closed loop drifts off the recorded states.
     state_jitter_copies: int = 0
     state_jitter: float = 0.0
+    # A student of another family: {"family": name, ...its shape}; empty: a student of the teacher's family.
+    student: dict[str, Any] = field(default_factory=dict)
+    objective: str = "auto"  # "auto" | "match" (shared noise, same family) | "flow" (teacher-labelled chunks)
 
 
 def kinds(params: Params, target) -> tuple[Kind, Kind]:
@@ -90,6 +99,21 @@ def resolved(params: Params, family: str, source: str = "recipe") -> Params:
 
 def check(params: Params, target, source: str = "recipe") -> None:
     _check_layers(params.layers, "distill.layers", source)
+    if params.objective not in ("auto", "match", "flow"):
+        raise ConfigError(f"distill.objective is {params.objective!r}; it is \"auto\", \"match\" or \"flow\"", source=source)
+    if params.student:
+        from vlacompile.families import known_families
+
+        fam = params.student.get("family")
+        if fam not in known_families():
+            raise ConfigError(f"distill.student.family is {fam!r}; vlacompile has the families {known_families()}", source=source,
+                              hint="e.g. student = { family = \"vlacompile-reference\", layers = 2, width = 128 }")
+        if params.objective == "match":
+            raise ConfigError("distill.objective = \"match\" shares the teacher's noise, which a student of another family "
+                              "cannot take", source=source, hint="use objective = \"auto\" or \"flow\"")
+        if params.layers or params.mlp_ratio != 1.0 or params.per_family:
+            raise ConfigError("distill.layers / mlp_ratio / per_family select the teacher's own layers; a student of another "
+                              "family is shaped by distill.student", source=source)
     for family in params.per_family:
         p = resolved(params, family, source)
         _check_layers(p.layers, f"distill.per_family.{family}.layers", source)
@@ -183,12 +207,25 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
     teacher = ctx.teacher
     family = get_family(teacher.family)
     torch.manual_seed(ctx.seed)
-    # The student is sliced from the teacher (or its pruned self), so it keeps the teacher's
-    # normalisation statistics and reproduces it in the teacher's units.
-    student = init_student(artifact.policy, params, ctx)
+    cross = bool(params.student) and params.student["family"] != teacher.family
+    if cross:
+        if ctx.train is None:
+            raise EpisodeError("a student of another family needs training episodes (their statistics normalise it)",
+                               source="distill", hint="pass --episodes")
+        shape = {k: v for k, v in params.student.items() if k != "family"}
+        stats = ctx.train.stats()
+        student = get_family(params.student["family"]).new_student(teacher, shape, stats, source="recipe stage distill")
+        if params.flow_steps is not None:  # the student's own head: its flow steps are a shape like any other
+            fam = get_family(student.family)
+            student = fam.restructure(student, fam.student_config(student.config, {}, {}, params.flow_steps))
+    else:
+        # The student is sliced from the teacher (or its pruned self), so it keeps the teacher's
+        # normalisation statistics and reproduces it in the teacher's units.
+        student = init_student(artifact.policy, params, ctx)
+    objective = params.objective if params.objective != "auto" else ("flow" if cross else "match")
     ctx.log(
         f"distill: student {student.num_parameters() / 1e6:.2f}M params "
-        f"({family.describe(student.config)}, {student.spec.flow_steps} flow steps) from teacher "
+        f"({get_family(student.family).describe(student.config)}, {student.spec.flow_steps} flow steps) from teacher "
         f"{teacher.num_parameters() / 1e6:.2f}M ({teacher.spec.flow_steps} flow steps)"
     )
 
@@ -209,6 +246,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
             weight_decay=params.weight_decay,
             noises_per_sample=params.noises_per_sample,
             feature_loss_weight=params.feature_loss_weight,
+            objective=objective,
         )
         metrics = train_to_match(student, teacher, samples, settings, ctx, name="distill")
         metrics["num_samples"] = len(samples)
@@ -220,6 +258,8 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
         "final_loss": metrics.get("final_loss"),
         "loss_curve": metrics.get("loss_curve", []),
         **{k: metrics[k] for k in ("initial_loss", "target_seconds", "train_seconds", "processes", "num_samples") if k in metrics},
+        "objective": objective,
+        "student_family": student.family,
         "student_params": student.num_parameters(),
         "teacher_params": teacher.num_parameters(),
         "student_config": student.config.to_dict(),

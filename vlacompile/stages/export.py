@@ -43,6 +43,7 @@ import numpy as np
 
 from vlacompile.artifact import SPLIT_JSON, SPLIT_NAMES, STUDENT_ONNX, onnx_files, sha256_files, split_files, write_split_manifest
 from vlacompile.errors import ConfigError, VlaCompileError
+from vlacompile.families.base import apply_ops
 from vlacompile.policy import OUTPUT_NAMES, Policy
 from vlacompile.stages import Artifact, BuildContext, Kind
 
@@ -555,20 +556,6 @@ def _export_part(part, args: tuple, names: tuple, outputs: tuple, path: Path, *,
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}", source=path) from None
-
-
-def apply_ops(x, ops: list[dict[str, Any]]):
-    """The split plan's elementwise ops on a torch tensor or numpy array, in float32, in order."""
-    import torch
-
-    for op in ops:
-        if op["op"] == "slice":
-            x = x[..., : op["stop"]]
-            continue
-        v = op["value"]
-        v = torch.tensor(v, dtype=torch.float32) if isinstance(x, torch.Tensor) else np.asarray(v, dtype=np.float32)
-        x = {"add": lambda a: a + v, "sub": lambda a: a - v, "mul": lambda a: a * v, "div": lambda a: a / v}[op["op"]](x)
-    return x
 
 
 def export_split(

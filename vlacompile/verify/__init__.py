@@ -44,6 +44,19 @@ def _stride_for(held_out, max_samples: int) -> int | None:
 
 
 def _check_student_spec(teacher_spec, student_spec, onnx_path: Path) -> None:
+    if student_spec.family != teacher_spec.family:  # distilled across families: same observations and actions, own head
+        problems = []
+        missing = [c.name for c in student_spec.cameras if c.name not in {t.name for t in teacher_spec.cameras}]
+        if missing:
+            problems.append(f"reads cameras {missing} the teacher does not")
+        if student_spec.state_dim != teacher_spec.state_dim:
+            problems.append(f"reads a {student_spec.state_dim}-dim state, the teacher {teacher_spec.state_dim}")
+        if student_spec.chunk_size > teacher_spec.chunk_size:
+            problems.append(f"emits chunks of {student_spec.chunk_size}, longer than the teacher's {teacher_spec.chunk_size}")
+        if problems:
+            raise CheckpointError("the student (a " + student_spec.family + " policy) " + "; ".join(problems), source=onnx_path,
+                                  hint="compile the student from this teacher")
+        return
     same = ("family", "cameras", "state_dim", "action_dim", "chunk_size", "max_tokens", "inputs")
     diff = [k for k in same if getattr(teacher_spec, k) != getattr(student_spec, k)]
     if diff:
@@ -52,6 +65,15 @@ def _check_student_spec(teacher_spec, student_spec, onnx_path: Path) -> None:
             source=onnx_path,
             hint="compile the student from this teacher (only sizes and flow steps may change)",
         )
+
+
+def _as_student(actions: np.ndarray, teacher_spec, student_spec) -> np.ndarray:
+    """Teacher chunks [N, chunk_T, A_T] cut to the student's chunk and actions (by name)."""
+    if student_spec.family == teacher_spec.family:
+        return actions
+    from vlacompile.training import action_index
+
+    return actions[:, : student_spec.chunk_size][..., action_index(student_spec, teacher_spec)]
 
 
 def _traces(samples, teacher_a, student_a, k: int = TRACES) -> list[dict]:
@@ -236,21 +258,34 @@ def verify(
     if student_runner is None:
         student_runner = _student_runner(student_onnx, student_spec, student_policy, provider, notes)
     teacher_a, teacher_b = _teacher_actions(teacher, teacher_runner, inputs, noise2, cache, progress, notes)
-    student_a = student_runner.run_batched(inputs, BATCH, progress=progress, desc="student")
-    accuracy = action_agreement(teacher_a, student_a, samples.actions)
+    observations, noises = data.observations, data.noises
+    student_inputs, student_noises = inputs, noises
+    if student_spec.family != spec.family:
+        # Another family's head: its own inputs (its preprocessor) and its own noise, drawn independently.
+        rng = np.random.default_rng([seed, 0x5EED])
+        s_noise = rng.standard_normal((n, *student_spec.noise_shape), dtype=np.float32)
+        s_name = next(i.name for i in student_spec.inputs if i.role == "noise")
+        student_inputs = {**samples.model_inputs(student_spec), s_name: s_noise}
+        student_noises = [s_noise[i] for i in range(len(noises))]
+        teacher_a, teacher_b = _as_student(teacher_a, spec, student_spec), _as_student(teacher_b, spec, student_spec)
+        notes.append(f"the student is a {student_spec.family} policy distilled from this {spec.family} teacher: its head has its "
+                     "own noise, so it is compared with the teacher on independent noise draws (the teacher's own spread "
+                     "across draws, teacher_self_consistency, is the floor of its NMSE)"
+                     + (f"; compared on the teacher's first {student_spec.chunk_size} actions" if student_spec.chunk_size < spec.chunk_size else ""))
+    student_a = student_runner.run_batched(student_inputs, BATCH, progress=progress, desc="student")
+    accuracy = action_agreement(teacher_a, student_a, _as_student(samples.actions, spec, student_spec))
     accuracy["teacher_self_consistency"] = self_consistency(teacher_a, teacher_b)
     accuracy["measured_on"] = host
     notes += accuracy.pop("notes", [])
 
     # Latency of the whole get_action path, on this host.
-    observations, noises = data.observations, data.noises
     warmup = min(20, calls)
     # Each alone: a student timed between torch calls shares the cores with torch's spinning threads
     # (the demo student's p50 went from 1.4 to 4 ms interleaved), and the budget is for the student
     # as deployed. measure_interleaved is for ratios (bench/).
     log(f"verify: timing get_action, {calls} warm calls each (teacher: torch eager; student: {student_runner.name})")
     lat_teacher = measure_latency(teacher_runner, observations, noises, calls=calls, warmup=warmup, progress=progress, desc="teacher")
-    lat_student = measure_latency(student_runner, observations, noises, calls=calls, warmup=warmup, progress=progress, desc="student")
+    lat_student = measure_latency(student_runner, observations, student_noises, calls=calls, warmup=warmup, progress=progress, desc="student")
     load = max((lat.get("host_load_1min") or 0.0) for lat in (lat_teacher, lat_student))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if load > 1.5 * cores:  # this process alone keeps up to `cores` threads busy
@@ -259,7 +294,7 @@ def verify(
             "the measured tails (p99, max) are pessimistic"
         )
     if target.runs_on_host:
-        lat_student["process_memory"] = _student_memory(student_onnx, student_runner, observations[0], noises[0], provider, notes)
+        lat_student["process_memory"] = _student_memory(student_onnx, student_runner, observations[0], student_noises[0], provider, notes)
     lat_teacher.update({"runtime": teacher_runner.name, "measured_on": host, "kind": "measured"})
     lat_student.update({"runtime": student_runner.name, "measured_on": on_device or host, "kind": "measured"})
 

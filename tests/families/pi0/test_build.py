@@ -144,6 +144,57 @@ def test_every_default_recipe_fits_a_pi0_teacher(target, fixture):
         student.config.validate("test")
 
 
+CROSS_RECIPE = """
+name = "pi0-to-reference"
+[[stages]]
+stage = "distill"
+student = {{ family = "vlacompile-reference", layers = 2, width = 64, heads = 2, image_size = 32, chunk_size = 4 }}
+flow_steps = 2
+steps = {steps}
+batch_size = 16
+num_samples = 64
+noises_per_sample = 4
+[[stages]]
+stage = "export"
+"""
+
+
+def test_a_pi0_teacher_distils_into_a_reference_family_student(tmp_path):
+    """Another family's student learns from teacher-labelled chunks (flow matching, 4 noise draws per
+    observation) and verifies against the teacher on independent noise: trained, it is nearer the
+    teacher than the same student untrained."""
+    target = _target(tmp_path, "x86-cpu", **{"actions_per_chunk = 8": "actions_per_chunk = 4"})
+    reports = {}
+    for steps in (0, 150):
+        (tmp_path / f"r{steps}.toml").write_text(CROSS_RECIPE.format(steps=steps))
+        result = _build(["--target", str(target), "--checkpoint", str(PI0 / "policy"), "--tokenizer", str(PI0 / "tokenizer"),
+                         "--episodes", str(PI0 / "episodes"), "--recipe", str(tmp_path / f"r{steps}.toml"),
+                         "--out", str(tmp_path / f"out{steps}"), "--no-cache"])
+        assert result.exit_code in (EXIT_OK, EXIT_GATE_FAILED), result.output
+        reports[steps] = json.loads((tmp_path / f"out{steps}" / "report.json").read_text())
+    trained = reports[150]
+    assert trained["teacher"]["family"] == "pi0" and trained["student"]["family"] == "vlacompile-reference"
+    record = trained["stages"][0]
+    assert record["objective"] == "flow" and record["final_loss"] < record["initial_loss"]
+    assert trained["accuracy"]["chunk_size"] == 4
+    assert any("independent noise draws" in n for n in trained["notes"])
+    assert trained["accuracy"]["nmse_vs_teacher"] < reports[0]["accuracy"]["nmse_vs_teacher"]
+    student = load_policy(tmp_path / "out150" / "student")
+    assert student.family == "vlacompile-reference" and student.spec.cameras[0].name == "top"
+
+
+def test_a_cross_family_recipe_that_selects_teacher_layers_is_refused(tmp_path):
+    from vlacompile.errors import ConfigError
+    from vlacompile.stages import distill
+
+    with pytest.raises(ConfigError, match="shaped by distill.student"):
+        distill.check(distill.Params(student={"family": "vlacompile-reference"}, layers={"backbone": 0.5}), None)
+    with pytest.raises(ConfigError, match="vlacompile has the families"):
+        distill.check(distill.Params(student={"family": "octo"}), None)
+    with pytest.raises(ConfigError, match="cannot take"):
+        distill.check(distill.Params(student={"family": "vlacompile-reference"}, objective="match"), None)
+
+
 # -- bad inputs -----------------------------------------------------------------------------
 
 

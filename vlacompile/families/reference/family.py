@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from vlacompile.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_and_load_state, read_config, read_weights, save_state, weights_digest
+from vlacompile.errors import ConfigError
 from vlacompile.families.base import FeatureTap, Family, Probe, PruneGroup, SplitPlan, part_module
 from vlacompile.families.reference.configuration import FAMILY as NAME
 from vlacompile.families.reference.configuration import ReferenceConfig
@@ -74,6 +75,44 @@ class ReferenceFamily(Family):
             changes[f"{p}_heads"] = tuple(getattr(config, f"{p}_heads")[j] for j in keep)
             changes[f"{p}_mlp"] = tuple(mlp[p]) if p in mlp else tuple(getattr(config, f"{p}_mlp")[j] for j in keep)
         return replace(config, **changes, flow_steps=config.flow_steps if flow_steps is None else flow_steps)
+
+    def new_student(self, teacher: Policy, shape: dict[str, Any], stats, source: str) -> Policy:
+        """A reference-family student for any teacher: the teacher's cameras (resized on the host to
+        ``image_size`` when their frames differ), state and actions; its own sizes from ``shape``
+        (``layers`` / ``width`` / ``heads`` / ``mlp`` for all three parts, or any config field),
+        normalised with the training episodes' statistics."""
+        t = teacher.spec
+        known = {f for f in ReferenceConfig.__dataclass_fields__} - {"cameras", "state_dim", "action_dim"}
+        short = {"layers", "width", "heads", "mlp"}
+        bad = sorted(set(shape) - known - short)
+        if bad:
+            raise ConfigError(f"distill.student sets {bad}, which a vlacompile-reference student does not have", source=source,
+                              hint=f"set {sorted(short)} or config fields {sorted(known)}")
+        layers, width = int(shape.get("layers", 2)), int(shape.get("width", 128))
+        heads, mlp = int(shape.get("heads", 4)), int(shape.get("mlp", 4 * width))
+        base: dict[str, Any] = dict(
+            cameras=tuple(c.name for c in t.cameras), state_dim=t.state_dim, action_dim=t.action_dim,
+            chunk_size=t.chunk_size, flow_steps=min(t.flow_steps, 2), max_tokens=32, control_hz=t.control_hz or 10.0,
+            image_size=64, patch_size=8, head_dim=max(8, width // heads),
+            **{f"{p}_width": width for p in PARTS}, **{f"{p}_heads": (heads,) * layers for p in PARTS},
+            **{f"{p}_mlp": (mlp,) * layers for p in PARTS})
+        for k, v in shape.items():
+            if k in known:
+                base[k] = tuple(v) if isinstance(v, list) else v
+        if base["chunk_size"] > t.chunk_size:
+            raise ConfigError(f"distill.student.chunk_size = {base['chunk_size']} is longer than the teacher's chunk "
+                              f"({t.chunk_size}): the teacher labels only {t.chunk_size} actions", source=source)
+        config = ReferenceConfig(**base)
+        if config.image_size % config.patch_size:
+            raise ConfigError(f"distill.student.image_size {config.image_size} is not a multiple of patch_size {config.patch_size}",
+                              source=source)
+        policy = self.new_policy(config)
+        s, a = stats["observation.state"], stats["action"]
+        policy.module.set_stats(s["mean"], s["std"], a["mean"], a["std"])
+        policy.spec = self.spec_of(policy.module)
+        policy.meta = {"format": "vlacompile", "derived_from": teacher.meta.get("weights_sha256"),
+                       "distilled_from_family": teacher.family}
+        return policy
 
     def describe(self, config: ReferenceConfig) -> str:
         return f"{config.vision_depth}+{config.backbone_depth}+{config.expert_depth} layers"

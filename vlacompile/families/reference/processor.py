@@ -71,10 +71,24 @@ class ReferencePreprocessor(Preprocessor):
                 f"the policy reads cameras {missing} that the observations do not have ({sorted(obs.images)})",
                 source="observations", hint="use episodes recorded with the policy's cameras",
             )
-        images = np.stack([np.asarray(obs.images[c.name]).transpose(0, 3, 1, 2) for c in self.spec.cameras], axis=1)
+        images = np.stack([_at(np.asarray(obs.images[c.name]), c.height, c.width).transpose(0, 3, 1, 2)
+                           for c in self.spec.cameras], axis=1)
         tokens = np.stack([self.tokens(t) for t in obs.tasks]) if obs.tasks else np.zeros((0, self.spec.max_tokens), np.int64)
         return {
             "images": np.ascontiguousarray(images, dtype=np.uint8),
             "state": np.asarray(obs.state, dtype=np.float32),
             "tokens": tokens,
         }
+
+
+def _at(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] frames at the policy's resolution: as they are, or resized bilinearly (a
+    student distilled from another family's teacher reads that teacher's cameras at its own size)."""
+    if frames.shape[1:3] == (height, width):
+        return frames
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
