@@ -161,10 +161,12 @@ class Policy:
     _preprocessor: Any = field(default=None, init=False, repr=False, compare=False)  # predict_chunk's, made once
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        opaque = getattr(self.module, "opaque_parameters", None)  # a graph run as it is (an ONNX teacher)
+        return opaque if opaque is not None else sum(p.numel() for p in self.module.parameters())
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+        opaque = getattr(self.module, "opaque_weight_bytes", None)
+        return opaque if opaque is not None else sum(p.numel() * p.element_size() for p in self.module.parameters())
 
     def __call__(self, *args, **named) -> "torch.Tensor":
         """The module on its inputs (positional in ``spec.input_names`` order, or by name), without autograd."""

@@ -152,7 +152,8 @@ def teacher_targets(
     lo, hi = min(rank * per, n), min((rank + 1) * per, n)
 
     module = teacher.module
-    home = next(module.parameters()).device
+    first = next(module.parameters(), None)  # an opaque (ONNX) teacher has none
+    home = first.device if first is not None else torch.device("cpu")
     was_training = module.training
     module.to(device).eval()
     tap = feature_tap(teacher) if features else None

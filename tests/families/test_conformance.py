@@ -42,7 +42,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_every_registered_family_is_covered():
-    assert sorted({k.split(":")[0] for k in POLICIES}) == known_families()
+    # onnx-policy is opaque (a graph run as it is, no module to slice): tests/families/test_onnx_policy.py
+    assert sorted({k.split(":")[0] for k in POLICIES} | {"onnx-policy"}) == known_families()
 
 
 @pytest.fixture(scope="module", params=sorted(POLICIES))

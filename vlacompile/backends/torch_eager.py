@@ -14,6 +14,7 @@ class TorchRunner(Runner):
     def __init__(self, policy: Policy, threads: int | None = None):
         super().__init__(policy.spec)
         self.policy = policy
+        self.name = getattr(policy.module, "runtime_name", type(self).name)
         if threads:
             torch.set_num_threads(threads)
 

@@ -23,6 +23,7 @@ _REGISTRY: dict[str, str] = {
     "vlacompile-reference": "vlacompile.families.reference.family",
     "smolvla": "vlacompile.families.smolvla.family",
     "pi0": "vlacompile.families.pi0.family",
+    "onnx-policy": "vlacompile.families.onnx_policy.family",
 }
 _LOADED: dict[str, "Family"] = {}
 

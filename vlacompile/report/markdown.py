@@ -60,8 +60,11 @@ def _overview(report: dict[str, Any]) -> Section:
     ]
     rows = [
         ["teacher", fmt(t.get("params")), fmt(t.get("flow_steps")), "fp32", t.get("family") or "–"],
-        ["student", fmt(s.get("params")), fmt(s.get("flow_steps")), s.get("precision") or "–", s.get("onnx") or "–"],
+        ["student", fmt(s.get("params")), fmt(s.get("flow_steps")), s.get("precision") or "–",
+         (f"{s['family']}, " if s.get("family") and s.get("family") != t.get("family") else "") + (s.get("onnx") or "–")],
     ]
+    if t.get("opaque"):
+        lines.append(f"The teacher is opaque ({t.get('format')}): {t.get('opaque_note')}.")
     if samples:
         lines.append(f"Verified on {samples.get('count')} samples from {samples.get('episodes')} held-out episodes.")
     return Section("Models", ["model", "parameters", "flow steps", "precision", "family / graph"], rows, lines)

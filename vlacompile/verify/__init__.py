@@ -114,9 +114,10 @@ def _roofline(policy, precision: str, target, host) -> dict | None:
     from vlacompile.families import get_family
 
     family = get_family(policy.family)
-    if family is None:
+    flops = family.flops(policy.config) if family is not None else None
+    if flops is None:  # an opaque teacher: its FLOPs are not known
         return None
-    return estimate(family.flops(policy.config), policy_weight_bytes(policy), target, precision, host=host)
+    return estimate(flops, policy_weight_bytes(policy), target, precision, host=host)
 
 
 @dataclass

@@ -1,0 +1,53 @@
+"""Observations -> an ONNX policy's inputs: uint8 [N, 3, H, W] per camera, the state as it is, the
+task written into the manifest's ``prompt`` ("{task}" by default; pi0's pipeline is "{task}\\n") and
+tokenised with its tokenizer, padded to the graph's token length."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlacompile.errors import EpisodeError
+from vlacompile.families.base import Preprocessor
+from vlacompile.observation import ObservationBatch
+from vlacompile.policy import PolicySpec
+
+
+class OnnxPolicyPreprocessor(Preprocessor):
+    def __init__(self, spec: PolicySpec):
+        super().__init__(spec)
+        s = spec.processor_settings
+        self.tokenizer = None
+        if s.get("tokenizer_dir"):
+            from vlacompile.lerobot.tokenizer import TextTokenizer
+
+            self.tokenizer = TextTokenizer(Path(s["tokenizer_dir"]), max_length=int(s["max_length"]),
+                                           padding_side=s.get("padding_side", "right"), truncation=True)
+        self.prompt = s.get("prompt") or "{task}"
+        self.names = set(spec.input_names)
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def batch(self, obs: ObservationBatch) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for cam in self.spec.cameras:
+            if cam.name not in obs.images:
+                raise EpisodeError(f"the policy reads camera {cam.name!r}; the observations have {sorted(obs.images)}",
+                                   source="observations", hint="map the dataset's cameras to the policy's (or record with them)")
+            frames = np.asarray(obs.images[cam.name])
+            if frames.shape[1:3] != (cam.height, cam.width):
+                raise EpisodeError(f"camera {cam.name!r} frames are {frames.shape[1]}x{frames.shape[2]}, the ONNX policy takes "
+                                   f"{cam.height}x{cam.width}", source="observations")
+            feeds[f"images.{cam.name}"] = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.uint8)
+        if "state" in self.names:
+            feeds["state"] = np.asarray(obs.state, dtype=np.float32)
+        if self.tokenizer is not None:
+            pairs = []
+            for t in obs.tasks:
+                if t not in self._cache:
+                    self._cache[t] = self.tokenizer.encode(self.prompt.replace("{task}", t))
+                pairs.append(self._cache[t])
+            n = self.tokenizer.max_length
+            feeds["tokens"] = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, n), np.int64)
+            if "token_mask" in self.names:
+                feeds["token_mask"] = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, n), bool)
+        return feeds
