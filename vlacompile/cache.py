@@ -208,8 +208,10 @@ class StageCache:
     """The cache directory. ``get`` and ``put`` never raise for cache trouble: a broken entry is a
     miss, an unwritable cache is a build without caching (the caller logs why)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, read_only: bool = False):
         self.root = Path(root).expanduser()
+        # Every process of a multi-process (torchrun) run reads the cache; only the first writes it.
+        self.read_only = read_only
 
     def _entry(self, key: str) -> Path:
         return self.root / key
@@ -349,7 +351,7 @@ class StageCache:
         """Write an entry into a temp dir (``fill`` writes the files and returns metadata), then rename."""
         from vlacompile.checkpoint import sha256_file
 
-        if self.has(key):
+        if self.has(key) or self.read_only:
             return True
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key[:16]}-", dir=self.root))

@@ -98,6 +98,44 @@ def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, camera_ma
 
 
 @main.command()
+@click.option("--target", "-t", default="x86-cpu", show_default=True, help="Target profile (its default recipe, unless --recipe).")
+@click.option("--checkpoint", "-c", type=click.Path(path_type=Path), help="Teacher checkpoint directory (as for build).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="Local tokenizer directory (as for build).")
+@click.option("--episodes", "-e", type=click.Path(path_type=Path), help="LeRobotDataset v3 episodes directory (as for build).")
+@click.option("--recipe", "-r", help="Recipe name or TOML path.")
+@click.option("--seed", type=int, help="Override the recipe's seed.")
+@click.option("--allow-pickle", is_flag=True, help="Load pickle weights with torch.load(weights_only=True).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VLACOMPILE_CACHE", help="Stage cache directory (env VLACOMPILE_CACHE).")
+def distill(target, checkpoint, tokenizer, episodes, recipe, seed, allow_pickle, quiet, cache_dir) -> None:
+    """Run the recipe's stages up to distill into the stage cache, on one process or many.
+
+    Under torchrun every process runs the same stages (the distillation shares its batches, and
+    with distill.parallel = "fsdp" shards student and teacher); the first writes the cache. A
+    `vlacompile build` with the same arguments then reuses the distilled student:
+
+        torchrun --nproc_per_node 2 $(which vlacompile) distill --target jetson-thor -c my_pi0/ -e my_dataset/
+        vlacompile build --target jetson-thor -c my_pi0/ -e my_dataset/
+    """
+    import os
+
+    from vlacompile.pipeline import build as run_build
+
+    try:
+        result = run_build(target, checkpoint=checkpoint, tokenizer=tokenizer, episodes=episodes, recipe=recipe, seed=seed,
+                           allow_pickle=allow_pickle, progress=not quiet, cache_dir=cache_dir, stop_after="distill")
+    except VlaCompileError as err:
+        _fail(err)
+    r = result.report
+    if int(os.environ.get("RANK", "0")) == 0:
+        st = r["stage"]
+        click.echo(f"distill: cached under {r['cache_key'][:12]} ({st.get('processes', 1)} process(es), "
+                   f"{st.get('parallel', 'none')}; final loss {st.get('final_loss')}); `vlacompile build` with the same "
+                   "arguments reuses it")
+    sys.exit(0)
+
+
+@main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--runtime", type=click.Choice(["ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"]), default="ort-cpu", show_default=True,
               help="Runtime for the student: ONNX Runtime (CPU, CUDA or TensorRT execution provider) or the TensorRT plans of `vlacompile engine`.")

@@ -202,6 +202,7 @@ def build(
     action_names: list[str] | None = None,
     baseline: str | Path | None = None,
     junit: str | Path | None = None,
+    stop_after: str | None = None,
 ) -> BuildResult:
     """Compile a VLA checkpoint for a target and verify it. See the README for the exit codes.
 
@@ -213,6 +214,9 @@ def build(
     ``state_names`` / ``action_names``: the dataset's state / action dimensions the policy uses, by name, in its order.
     ``baseline``: an earlier build (its directory or report.json); a gate metric worse than it beyond
     noise fails the build (``vlacompile.report.diff``). ``junit``: also write the gates as JUnit XML there.
+    ``stop_after``: run the recipe's stages up to this one, store them in the cache and stop (no
+    artifact, no verify): ``vlacompile distill`` under torchrun, every process running the same
+    stages, the first one writing the cache, so a later build reuses the distilled student.
 
     Stage outputs are cached under ``cache_dir`` (default ``$VLACOMPILE_CACHE`` or
     ``~/.cache/vlacompile``; see ``vlacompile.cache``) unless ``use_cache`` is False.
@@ -267,6 +271,9 @@ def build(
         f"({_family_label(teacher)}, {teacher.num_parameters() / 1e6:.2f}M params, {teacher.spec.flow_steps} flow steps), "
         f"episodes {ep_dir} ({len(train.episodes)} train / {len(calib.episodes)} calibration / {len(held_out.episodes)} held-out)"
     )
+
+    if stop_after is not None:
+        return _run_stages_only(tgt, rcp, teacher, train, calib, held_out, run_seed, calls, progress, log, inputs, cache, stop_after)
 
     # 2. Stages run in a temporary directory beside the output.
     with output_lock(out_dir):
@@ -415,7 +422,38 @@ def _reuse_from_cache(cache, keys: list[str], produces: list[str], tmp: Path):
     return 0, None
 
 
-def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, calls: int, progress: bool, log, inputs: dict[str, Any], cache) -> dict:
+class _Stopped(Exception):
+    def __init__(self, stage: str, key: str, record: dict):
+        super().__init__(stage)
+        self.stage, self.key, self.record = stage, key, record
+
+
+def _run_stages_only(tgt, rcp, teacher, train, calib, held_out, seed, calls, progress, log, inputs, cache, stop_after: str) -> BuildResult:
+    """The stages up to ``stop_after`` into the cache, in a private temporary directory (each process
+    of a torchrun run its own); nothing is written to the output directory."""
+    import tempfile
+
+    names = [s.name for s in rcp.stages]
+    if stop_after not in names:
+        raise ConfigError(f"the recipe has no {stop_after!r} stage (it has {names})", source=f"recipe {rcp.name}")
+    rank = int(os.environ.get("RANK", "0"))
+    if cache is not None and rank != 0:
+        cache.read_only = True
+    elif cache is None:
+        log("vlacompile: the stage cache is off, so what these stages compute is not kept for a later build")
+    with tempfile.TemporaryDirectory(prefix="vlacompile-stages-") as tmp:
+        try:
+            _run_build(tgt, rcp, teacher, train, calib, held_out, Path(tmp), seed, calls, progress, log, inputs, cache,
+                       stop_after=stop_after)
+        except _Stopped as done:
+            report = {"status": "STAGES_DONE", "exit_code": 0, "passed": True, "stopped_after": done.stage,
+                      "cache_key": done.key, "stage": done.record, "rank": rank}
+            return BuildResult(out_dir=Path(tmp), report=report)
+    raise AssertionError("unreachable: the stage loop stops at stop_after")
+
+
+def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, calls: int, progress: bool, log, inputs: dict[str, Any], cache,
+               stop_after: str | None = None) -> dict:
     import copy
 
     import torch
@@ -425,7 +463,8 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
     from vlacompile.stages import STAGES, Artifact, BuildContext
     from vlacompile.verify import verify
 
-    ctx = BuildContext(target=tgt, workdir=tmp, teacher=teacher, train=train, calibration=calib, seed=seed, progress=progress, log=log)
+    ctx = BuildContext(target=tgt, workdir=tmp, teacher=teacher, train=train, calibration=calib, seed=seed, progress=progress, log=log,
+                       cache=cache)
     # A selection from the episodes (camera map, state/action names) is part of what the stages read.
     episodes_key = inputs["episodes_sha256"] + (f":{inputs['episodes_selection']}" if inputs.get("episodes_selection") else "")
     root = root_key(inputs["teacher_weights_sha256"] or "", inputs["teacher_config"], episodes_key, seed)
@@ -446,7 +485,8 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
             cached.records[-1]["seconds"] = round(time.perf_counter() - t0, 2)
             artifact = cached
             log(f"cache: reusing {', '.join(s.name for s in rcp.stages[:start])} from {cache.root} (key {keys[start - 1][:12]})")
-    for i in range(start, n):
+    last = n if stop_after is None else [s.name for s in rcp.stages].index(stop_after) + 1
+    for i in range(start, last):
         stage = rcp.stages[i]
         test_pause(f"stage:{stage.name}")
         log(f"[{i + 1}/{n}] {stage.name} ...")
@@ -468,6 +508,11 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
             except OSError as e:
                 log(f"cache: cannot write {cache.root} ({e.strerror}); building on without the cache")
                 cache = None
+        if stage.name == stop_after:
+            raise _Stopped(stage.name, keys[i], canonical[-1])
+    if stop_after is not None:  # every stage up to it came from the cache
+        j = [s.name for s in rcp.stages].index(stop_after)
+        raise _Stopped(stop_after, keys[j], canonical[j])
 
     student = artifact.policy
     if not artifact.quantized_torch:

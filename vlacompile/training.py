@@ -15,10 +15,14 @@ x space, the velocity as target), through the family's split plan (System 2 once
 step). Each model reads the same raw observations through its own preprocessor.
 
 The loop runs on Hugging Face Accelerate, so the same code trains in-process on one CPU or GPU and
-under ``accelerate launch`` on many (DDP; FSDP through Accelerate's config). Batches are split
-across processes (``split_batches``): the global batch, the data order and hence the result do not
-depend on the number of processes, up to float rounding. Teacher targets are computed once, each
-process doing a share of the observations.
+under ``accelerate launch`` (or torchrun) on many. Batches are split across processes
+(``split_batches``): the global batch, the data order and hence the result do not depend on the
+number of processes, up to float rounding. Teacher targets are computed once, each process doing a
+share of the observations. ``parallel = "ddp"`` replicates the student (Accelerate's DDP);
+``parallel = "fsdp"`` shards it and the teacher with PyTorch's FSDP2 (``fully_shard`` on every
+layer of a ``ModuleList`` and on the root, over a 1-D device mesh): each process holds 1/N of the
+weights, gathered layer by layer for compute, gradients reduce-scattered, which is what a 3B
+teacher needs. FSDP2 runs on CPU (gloo) as on GPU (NCCL).
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ class MatchSettings:
     max_grad_norm: float = 1.0
     target_batch_size: int = 64  # teacher inference batch when computing targets
     objective: str = "match"  # "match": shared-noise chunk matching; "flow": flow matching on teacher-labelled chunks
+    parallel: str = "ddp"  # with several processes: "ddp" (replicas) or "fsdp" (sharded student and teacher)
     log_points: int = 10  # loss values logged (and kept in the loss curve) over the run
 
 
@@ -137,6 +142,7 @@ def teacher_targets(
     accelerator=None,
     batch_size: int = 64,
     progress: bool = False,
+    sharded_teacher: bool = False,
 ) -> Targets:
     """Run the teacher once on every (sample, seeded noise) pair; processes share the samples."""
     from tqdm import tqdm
@@ -155,26 +161,34 @@ def teacher_targets(
     first = next(module.parameters(), None)  # an opaque (ONNX) teacher has none
     home = first.device if first is not None else torch.device("cpu")
     was_training = module.training
-    module.to(device).eval()
+    sharded = sharded_teacher and procs > 1 and first is not None
+    if sharded:  # a sharded copy: every process runs the same number of batches (the gathers are collective)
+        module = shard(copy.deepcopy(module).to(device).eval())
+    else:
+        module.to(device).eval()
     tap = feature_tap(teacher) if features else None
     capture = _CaptureFeatures(module, tap) if features else None
     actions, feats, masks = [], [], []
+    end = lo + per if sharded else hi  # sharded: as many batches as every other process, padded past hi
     try:
         with torch.inference_mode():
-            for s in tqdm(range(lo, hi, batch_size), desc="teacher targets", disable=not progress, mininterval=1.0):
-                b = slice(s, min(s + batch_size, hi))
-                x = {k: v[b].to(device) for k, v in inputs.items()}
+            for s in tqdm(range(lo, end, batch_size), desc="teacher targets", disable=not progress, mininterval=1.0):
+                wanted = torch.arange(s, min(s + batch_size, end))
+                keep = int((wanted < hi).sum())
+                rows = wanted.clamp(max=n - 1)
+                x = {k: v[rows].to(device) for k, v in inputs.items()}
                 outs = []
                 for k in range(r):
-                    outs.append(call(module, spec, x, noise[b, k].to(device)).cpu())
+                    outs.append(call(module, spec, x, noise[rows, k].to(device)).cpu()[:keep])
                     if capture is not None and k == 0:
-                        feats.append(capture.output[0].cpu())
-                        masks.append(capture.valid().cpu())
+                        feats.append(capture.output[0].cpu()[:keep])
+                        masks.append(capture.valid().cpu()[:keep])
                 actions.append(torch.stack(outs, dim=1))
     finally:
         if capture is not None:
             capture.remove()
-        module.to(home).train(was_training)
+        if not sharded:
+            module.to(home).train(was_training)
 
     def rows(parts: list[torch.Tensor], like: tuple[int, ...]) -> torch.Tensor:
         local = torch.cat(parts) if parts else torch.zeros((0, *like))  # a process may get no samples
@@ -346,6 +360,29 @@ def action_index(student_spec, teacher_spec) -> list[int]:
     return [list(t).index(n) for n in s]
 
 
+def shard(module: nn.Module) -> nn.Module:
+    """FSDP2 over all processes: every layer of every ``ModuleList`` that is called as a module (has
+    a forward: FSDP gathers a unit in its forward hook) its own unit, then the root (embeddings,
+    projections, norms, and layers used only as containers). In place; returns the module."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
+    for sub in list(module.modules()):
+        if isinstance(sub, nn.ModuleList):
+            for layer in sub:
+                if type(layer).forward is not nn.Module.forward and any(True for _ in layer.parameters()):
+                    fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def local_parameters(module: nn.Module) -> int:
+    """Parameter elements this process holds (a shard's local part under FSDP)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())
+
+
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # Decay weight matrices only; biases, norm gains and 1-D parameters are left alone.
     decay = [p for p in module.parameters() if p.ndim >= 2]
@@ -365,6 +402,41 @@ def _data_source(ctx) -> str:
     """The episodes the samples came from, for error messages."""
     root = getattr(getattr(ctx, "train", None), "root", None)
     return str(root) if root is not None else "the training samples"
+
+
+def _targets_key(teacher: Policy, samples, settings: MatchSettings, seed: int) -> str | None:
+    """What the teacher's targets depend on: its weights and definition, the observations (as its
+    preprocessor sees them), the noise seed and draws, whether features are kept. Not the student,
+    its steps or the target profile: one precompute serves every build that draws these samples."""
+    import hashlib
+
+    if not teacher.meta.get("weights_sha256"):
+        return None
+    h = hashlib.sha256(f"teacher-targets/1/{teacher.meta['weights_sha256']}/{teacher.meta.get('definition_sha256', '')}".encode())
+    h.update(json_bytes({"seed": seed, "r": settings.noises_per_sample, "features": settings.feature_loss_weight > 0,
+                         "spec": teacher.spec.to_dict()}))
+    for name, v in sorted(samples.model_inputs(teacher.spec).items()):
+        h.update(name.encode() + np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
+
+
+def json_bytes(value) -> bytes:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str).encode()
+
+
+def _cached_targets(cache, key: str, teacher: Policy, samples, seed: int) -> Targets | None:
+    hit = cache.get_arrays(key)
+    if hit is None:
+        return None
+    actions = torch.from_numpy(hit["actions"])
+    n, r = actions.shape[:2]
+    spec = teacher.spec
+    out = Targets(inputs=model_inputs(teacher, samples), noise=seeded_noise((n, r, *spec.noise_shape), seed), actions=actions)
+    if "features" in hit:
+        out.features, out.feature_mask = torch.from_numpy(hit["features"]), torch.from_numpy(hit["feature_mask"])
+    return out
 
 
 def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSettings, ctx, *, name: str = "distill") -> dict[str, Any]:
@@ -388,19 +460,31 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
     show = ctx.progress and main
 
     t0 = time.perf_counter()
-    targets = teacher_targets(
-        teacher,
-        samples,
-        noises_per_sample=settings.noises_per_sample,
-        seed=ctx.seed,
-        features=settings.feature_loss_weight > 0,
-        accelerator=accelerator,
-        batch_size=settings.target_batch_size,
-        progress=show,
-    )
+    cache = getattr(ctx, "cache", None)
+    key = _targets_key(teacher, samples, settings, ctx.seed) if cache is not None else None
+    targets = _cached_targets(cache, key, teacher, samples, ctx.seed) if key is not None else None
+    reused = targets is not None
+    if targets is None:
+        targets = teacher_targets(
+            teacher,
+            samples,
+            noises_per_sample=settings.noises_per_sample,
+            seed=ctx.seed,
+            features=settings.feature_loss_weight > 0,
+            accelerator=accelerator,
+            batch_size=settings.target_batch_size,
+            progress=show,
+            sharded_teacher=settings.parallel == "fsdp",
+        )
+        if key is not None:
+            arrays = {"actions": targets.actions.numpy()}
+            if targets.features is not None:
+                arrays.update(features=targets.features.numpy(), feature_mask=targets.feature_mask.numpy())
+            cache.put_arrays(key, "teacher-targets", arrays)
     target_seconds = time.perf_counter() - t0
     if main:
-        ctx.log(f"{name}: teacher targets for {targets.num_pairs} (observation, noise) pairs in {target_seconds:.1f} s")
+        how = f"reused from the stage cache (key {key[:12]})" if reused else f"in {target_seconds:.1f} s"
+        ctx.log(f"{name}: teacher targets for {targets.num_pairs} (observation, noise) pairs {how}")
     data = _data_source(ctx)
     finite = torch.isfinite(targets.actions).flatten(1).all(dim=1)
     if not bool(finite.all()):
@@ -450,7 +534,16 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         drop_last=True,
         collate_fn=_batch_as_is,
     )
-    objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
+    fsdp = settings.parallel == "fsdp" and procs > 1
+    if fsdp:
+        # FSDP2 by hand (Accelerate's FSDP needs GPUs): shard before the optimizer sees the parameters.
+        shard(objective.to(accelerator.device))
+        optimizer = torch.optim.AdamW(_param_groups(objective.student, settings.weight_decay), lr=settings.lr, foreach=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        loader = accelerator.prepare(loader)
+    else:
+        objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
+    held = local_parameters(objective)
 
     log_every = max(1, settings.steps // max(1, settings.log_points))
     curve: list[list[float]] = []
@@ -466,9 +559,14 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
                     hint="lower the stage's lr, or check the episodes for corrupt values (huge or wrong-unit states "
                          "and actions); nothing was written",
                 )
-            accelerator.backward(loss)
-            if settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(objective.parameters(), settings.max_grad_norm)
+            if fsdp:
+                loss.backward()  # FSDP2 reduce-scatters the gradients (mean over processes)
+                if settings.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(objective.parameters(), settings.max_grad_norm)
+            else:
+                accelerator.backward(loss)
+                if settings.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(objective.parameters(), settings.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -486,7 +584,12 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
             bar.update(1)
     train_seconds = time.perf_counter() - t1
 
-    full = accelerator.get_state_dict(objective)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True))  # every process, as with DDP
+    else:
+        full = accelerator.get_state_dict(objective)
     prefix = "student."
     student.module.load_state_dict({k[len(prefix) :]: v.detach().cpu() for k, v in full.items() if k.startswith(prefix)})
     student.module.eval()
@@ -499,5 +602,8 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         "loss_curve": curve,
         "target_seconds": round(target_seconds, 2),
         "train_seconds": round(train_seconds, 2),
+        "targets_reused": reused,
         "processes": procs,
+        "parallel": "fsdp" if fsdp else ("ddp" if procs > 1 else "none"),
+        "local_parameters": held,  # what this process held while training (1/N of them under FSDP)
     }

@@ -53,6 +53,7 @@ class BuildContext:
     seed: int = 0
     progress: bool = True
     log: Callable[[str], None] = print
+    cache: Any = None  # the StageCache, for results a stage may reuse across builds (the teacher's targets)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,9 @@ class Params:
     # A student of another family: {"family": name, ...its shape}; empty: a student of the teacher's family.
     student: dict[str, Any] = field(default_factory=dict)
     objective: str = "auto"  # "auto" | "match" (shared noise, same family) | "flow" (teacher-labelled chunks)
+    # Under accelerate launch / torchrun with several processes: "ddp" replicates the student, "fsdp"
+    # shards student and teacher (FSDP2). One process: no difference.
+    parallel: str = "ddp"
 
 
 def kinds(params: Params, target) -> tuple[Kind, Kind]:
@@ -99,6 +102,8 @@ def resolved(params: Params, family: str, source: str = "recipe") -> Params:
 
 def check(params: Params, target, source: str = "recipe") -> None:
     _check_layers(params.layers, "distill.layers", source)
+    if params.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"distill.parallel is {params.parallel!r}; it is \"ddp\" or \"fsdp\"", source=source)
     if params.objective not in ("auto", "match", "flow"):
         raise ConfigError(f"distill.objective is {params.objective!r}; it is \"auto\", \"match\" or \"flow\"", source=source)
     if params.student:
@@ -247,6 +252,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
             noises_per_sample=params.noises_per_sample,
             feature_loss_weight=params.feature_loss_weight,
             objective=objective,
+            parallel=params.parallel,
         )
         metrics = train_to_match(student, teacher, samples, settings, ctx, name="distill")
         metrics["num_samples"] = len(samples)
@@ -257,7 +263,8 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
         "seconds": round(time.perf_counter() - t0, 2),
         "final_loss": metrics.get("final_loss"),
         "loss_curve": metrics.get("loss_curve", []),
-        **{k: metrics[k] for k in ("initial_loss", "target_seconds", "train_seconds", "processes", "num_samples") if k in metrics},
+        **{k: metrics[k] for k in ("initial_loss", "target_seconds", "targets_reused", "train_seconds", "processes", "parallel", "local_parameters",
+                                   "num_samples") if k in metrics},
         "objective": objective,
         "student_family": student.family,
         "student_params": student.num_parameters(),

@@ -67,6 +67,11 @@ class GemmaLayer(nn.Module):
         self.post_attention_layernorm = norm()
         self.mlp = GatedMlp(dim, mlp, "gelu_pytorch_tanh", bias=False)
 
+    def forward(self, step, *args):
+        """``step(self, *args)``: the prefix and the expert use a layer differently, but both call it
+        through here, so module hooks (FSDP's gather of a sharded layer) see every use."""
+        return step(self, *args)
+
 
 class Rope(nn.Module):
     """transformers' Gemma RoPE: inv_freq = 1 / theta^(2i/d); rotate-half of x [B, L, H, D] at positions [B, L]."""
@@ -197,23 +202,28 @@ class Pi0(nn.Module):
         positions = torch.cumsum(valid.long(), dim=1) - 1
         b, p = x.shape[:2]
         carry: list[torch.Tensor] = []
-        rope = self.backbone.rope
         for i, layer in enumerate(self.backbone.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = rope(a.q_proj(h).view(b, p, -1, cfg.head_dim), positions)
-            k = rope(a.k_proj(h).view(b, p, -1, cfg.head_dim), positions)
-            v = a.v_proj(h).view(b, p, -1, cfg.head_dim)
+            x, k, v = layer(self._prefix_layer, x, allowed, positions, i == cfg.depth - 1)
             carry += [k, v]
-            if i == cfg.depth - 1:
-                break  # the last layer's output feeds nothing: only its K/V are needed
-            out = a.o_proj(attention(q, k, v, allowed, cfg.num_heads, cfg.num_kv_heads)) + x
-            x = layer.mlp(layer.post_attention_layernorm(out)) + out
         carry.append(valid)
         if state is not None:
             s = F.pad(self.normalize.state(state), (0, cfg.max_state_dim - cfg.state_dim))
             carry.append(self.state_proj(s)[:, None, :])
         return tuple(carry)
+
+    def _prefix_layer(self, layer: GemmaLayer, x, allowed, positions, last: bool):
+        cfg = self.cfg
+        b, p = x.shape[:2]
+        rope = self.backbone.rope
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = rope(a.q_proj(h).view(b, p, -1, cfg.head_dim), positions)
+        k = rope(a.k_proj(h).view(b, p, -1, cfg.head_dim), positions)
+        v = a.v_proj(h).view(b, p, -1, cfg.head_dim)
+        if last:
+            return x, k, v  # the last layer's output feeds nothing: only its K/V are needed
+        out = a.o_proj(attention(q, k, v, allowed, cfg.num_heads, cfg.num_kv_heads)) + x
+        return layer.mlp(layer.post_attention_layernorm(out)) + out, k, v
 
     # -- System 1: K times per chunk ------------------------------------------------------------
 
@@ -245,26 +255,25 @@ class Pi0(nn.Module):
         p = valid.shape[1]
         allowed = torch.cat([valid[:, None, :].expand(b, c, p), block[None].expand(b, c, c)], dim=2)
         positions = valid.long().sum(dim=-1, keepdim=True) + torch.arange(c, device=x_t.device)[None, :]
-        rope = self.backbone.rope
         for i, layer in enumerate(self.expert.layers):
-            a = layer.self_attn
-            if cond is None:
-                hn, gate = layer.input_layernorm(h), None
-            else:
-                hn, gate = layer.input_layernorm(h, cond)
-            q = rope(a.q_proj(hn).view(b, c, -1, cfg.head_dim), positions)
-            k = torch.cat([kv[2 * i], rope(a.k_proj(hn).view(b, c, -1, cfg.head_dim), positions)], dim=1)
-            v = torch.cat([kv[2 * i + 1], a.v_proj(hn).view(b, c, -1, cfg.head_dim)], dim=1)
-            out = a.o_proj(attention(q, k, v, allowed, cfg.num_heads, cfg.num_kv_heads))
-            h = h + out if gate is None else h + out * gate
-            if cond is None:
-                hn, gate = layer.post_attention_layernorm(h), None
-            else:
-                hn, gate = layer.post_attention_layernorm(h, cond)
-            out = layer.mlp(hn)
-            h = h + out if gate is None else h + out * gate
+            h = layer(self._expert_layer, h, cond, kv[2 * i], kv[2 * i + 1], allowed, positions)
         h = self.expert.norm(h) if cond is None else self.expert.norm(h, cond)[0]
         return self.action_out_proj(h[:, -cfg.chunk_size:])
+
+    def _expert_layer(self, layer: GemmaLayer, h, cond, k_prefix, v_prefix, allowed, positions):
+        cfg = self.cfg
+        b, c = h.shape[:2]
+        rope = self.backbone.rope
+        a = layer.self_attn
+        hn, gate = (layer.input_layernorm(h), None) if cond is None else layer.input_layernorm(h, cond)
+        q = rope(a.q_proj(hn).view(b, c, -1, cfg.head_dim), positions)
+        k = torch.cat([k_prefix, rope(a.k_proj(hn).view(b, c, -1, cfg.head_dim), positions)], dim=1)
+        v = torch.cat([v_prefix, a.v_proj(hn).view(b, c, -1, cfg.head_dim)], dim=1)
+        out = a.o_proj(attention(q, k, v, allowed, cfg.num_heads, cfg.num_kv_heads))
+        h = h + out if gate is None else h + out * gate
+        hn, gate = (layer.post_attention_layernorm(h), None) if cond is None else layer.post_attention_layernorm(h, cond)
+        out = layer.mlp(hn)
+        return h + out if gate is None else h + out * gate
 
     # -- the whole policy -----------------------------------------------------------------------
 
