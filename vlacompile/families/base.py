@@ -47,6 +47,25 @@ class Preprocessor(ABC):
         return feeds
 
 
+def camera_feeds(spec: PolicySpec, obs: ObservationBatch) -> dict[str, np.ndarray]:
+    """``images.<camera>``: uint8 [N, 3, H, W] per camera of ``spec``, each at its own resolution,
+    for families that take one input per camera; a missing camera or another size is an error."""
+    from vlacompile.errors import EpisodeError
+
+    feeds: dict[str, np.ndarray] = {}
+    for cam in spec.cameras:
+        if cam.name not in obs.images:
+            raise EpisodeError(f"the policy reads camera {cam.name!r}; the observations have {sorted(obs.images)}",
+                               source="observations", hint="map the dataset's cameras to the policy's (or record with them)")
+        frames = np.asarray(obs.images[cam.name])
+        if frames.shape[1:3] != (cam.height, cam.width):
+            raise EpisodeError(f"camera {cam.name!r} frames are {frames.shape[1]}x{frames.shape[2]}, the policy takes "
+                               f"{cam.height}x{cam.width} (its input feature's shape)", source="observations",
+                               hint="give frames at the resolution the policy was trained on")
+        feeds[f"images.{cam.name}"] = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.uint8)
+    return feeds
+
+
 # ---------------------------------------------------------------------------------------------
 # Structured pruning
 

@@ -276,6 +276,7 @@ def verify(
     student_a = student_runner.run_batched(student_inputs, BATCH, progress=progress, desc="student")
     accuracy = action_agreement(teacher_a, student_a, _as_student(samples.actions, spec, student_spec))
     accuracy["teacher_self_consistency"] = self_consistency(teacher_a, teacher_b)
+    accuracy["independent_noise"] = student_spec.family != spec.family
     accuracy["measured_on"] = host
     notes += accuracy.pop("notes", [])
 

@@ -179,6 +179,10 @@ def test_a_pi0_teacher_distils_into_a_reference_family_student(tmp_path):
     assert trained["accuracy"]["chunk_size"] == 4
     assert any("independent noise draws" in n for n in trained["notes"])
     assert trained["accuracy"]["nmse_vs_teacher"] < reports[0]["accuracy"]["nmse_vs_teacher"]
+    # Gated on top of the teacher's own spread across noise draws, which even an exact copy would show.
+    gate = next(g for g in trained["gates"]["gates"] if g["name"] == "nmse_vs_teacher")
+    own = trained["accuracy"]["teacher_self_consistency"]["nmse"]
+    assert gate["limit"] == pytest.approx(0.05 + own) and "independent noise draws" in gate["note"]
     student = load_policy(tmp_path / "out150" / "student")
     assert student.family == "vlacompile-reference" and student.spec.cameras[0].name == "top"
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlacompile.errors import EpisodeError
-from vlacompile.families.base import Preprocessor
+from vlacompile.families.base import Preprocessor, camera_feeds
 from vlacompile.observation import ObservationBatch
 from vlacompile.policy import PolicySpec
 
@@ -28,16 +27,7 @@ class OnnxPolicyPreprocessor(Preprocessor):
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def batch(self, obs: ObservationBatch) -> dict[str, np.ndarray]:
-        feeds: dict[str, np.ndarray] = {}
-        for cam in self.spec.cameras:
-            if cam.name not in obs.images:
-                raise EpisodeError(f"the policy reads camera {cam.name!r}; the observations have {sorted(obs.images)}",
-                                   source="observations", hint="map the dataset's cameras to the policy's (or record with them)")
-            frames = np.asarray(obs.images[cam.name])
-            if frames.shape[1:3] != (cam.height, cam.width):
-                raise EpisodeError(f"camera {cam.name!r} frames are {frames.shape[1]}x{frames.shape[2]}, the ONNX policy takes "
-                                   f"{cam.height}x{cam.width}", source="observations")
-            feeds[f"images.{cam.name}"] = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.uint8)
+        feeds = camera_feeds(self.spec, obs)
         if "state" in self.names:
             feeds["state"] = np.asarray(obs.state, dtype=np.float32)
         if self.tokenizer is not None:

@@ -3,9 +3,7 @@ the same layout out, students that keep the backbone and expert paired layer for
 groups, the System 2 (per-layer K/V) / System 1 split."""
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,16 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlacompile.checkpoint import WEIGHTS_NAME, check_and_load_state, read_json, read_weights, sha256_file, weights_digest
+from vlacompile.checkpoint import check_and_load_state, read_json, read_weights, weights_digest
 from vlacompile.errors import CheckpointError, ConfigError
 from vlacompile.families.base import Family, Probe, PruneGroup, SplitPlan, layers_from_request, part_module
-from vlacompile.families.blocks import slice_layer_tensor
+from vlacompile.families.lerobot_layout import camera_name, definition_digest, policy_features, sliced_state, vision_prune_groups, write_policy_dir
 from vlacompile.families.pi0.configuration import FAMILY as NAME
 from vlacompile.families.pi0.configuration import QUERY_HEADS, VISION_HEADS, Pi0Config
 from vlacompile.families.pi0.modeling import Pi0
 from vlacompile.families.pi0.processor import PALIGEMMA, Pi0Preprocessor, resolve_tokenizer_dir
 from vlacompile.lerobot.policy_dir import PREPROCESSOR, POSTPROCESSOR, Camera, Normalisers, PolicyDir, read_policy_dir
-from vlacompile.observation import IMAGE_PREFIX
 from vlacompile.policy import CameraSpec, FlowHead, InputSpec, Policy, PolicySpec
 
 SIDECAR = "vlacompile.json"  # per-layer sizes lerobot's config cannot say (lerobot knows only gemma_2b / gemma_300m)
@@ -91,12 +88,6 @@ def lerobot_state(state: dict[str, torch.Tensor], variant: str) -> dict[str, tor
     return out
 
 
-def _camera_name(key: str) -> str:
-    if key.startswith(IMAGE_PREFIX):
-        return key[len(IMAGE_PREFIX):]
-    return key[len("observation."):] if key.startswith("observation.") else key
-
-
 class Pi0Family(Family):
     name = NAME
     label = "LeRobot pi0 / pi0.5"
@@ -133,7 +124,7 @@ class Pi0Family(Family):
         module.eval()
         meta = {
             "source": str(ckpt), "weights_sha256": weights_digest(files), "format": _format_label(pd, variant, sidecar),
-            "tokenizer": str(tok_dir), "definition_sha256": _definition_digest(ckpt, tok_dir), "notes": notes,
+            "tokenizer": str(tok_dir), "definition_sha256": definition_digest(ckpt, tok_dir), "notes": notes,
             **({"allow_unnormalized": True} if allow_unnormalized else {}),
             **({"derived_from": sidecar.get("derived_from")} if sidecar else {}),
         }
@@ -148,26 +139,9 @@ class Pi0Family(Family):
         src = cfg.source
         config = dict(src["config"])
         config.update(num_inference_steps=cfg.num_steps)
-        (out / "config.json").write_text(json.dumps(config, indent=4) + "\n")
-        from safetensors.numpy import save_file as save_np
-        from safetensors.torch import save_file
-
-        weights = {to_lerobot_key(k): v.detach().contiguous().cpu() for k, v in policy.module.state_dict().items()
-                   if not k.startswith("normalize.")}
-        save_file(weights, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        for name in (PREPROCESSOR, POSTPROCESSOR):
-            (out / name).write_text(src[name])
-        for name, tensors in src["state_files"].items():
-            save_np({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / name))
-        tok = Path(policy.spec.processor_settings["tokenizer_dir"])
-        (out / TOKENIZER_DIR).mkdir(exist_ok=True)
-        for f in sorted(tok.iterdir()):
-            if f.is_file() and f.suffix in (".json", ".txt", ".model"):
-                shutil.copyfile(f, out / TOKENIZER_DIR / f.name)
         sidecar = {"format": 1, "variant": cfg.variant, "vision_heads": list(cfg.vision_heads), "vision_mlp": list(cfg.vision_mlp),
                    "text_mlp": list(cfg.text_mlp), "expert_mlp": list(cfg.expert_mlp), "derived_from": policy.meta.get("derived_from")}
-        (out / SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-        return out
+        return write_policy_dir(policy, out, config, to_lerobot_key, TOKENIZER_DIR, (".json", ".txt", ".model"), (SIDECAR, sidecar))
 
     def build(self, config: Pi0Config) -> Pi0:
         return Pi0(config)
@@ -264,17 +238,7 @@ class Pi0Family(Family):
         cfg: Pi0Config = policy.config
         groups: list[PruneGroup] = []
         if "vision" in parts:
-            for i in range(cfg.vision_layers):
-                base = f"vision.layers.{i}"
-                if "mlp" in what:
-                    groups.append(PruneGroup("mlp", "vision", i, cfg.vision_mlp[i], (Probe("mlp", f"{base}.mlp.act", "output", "abs"),)))
-                if "heads" in what:
-                    groups.append(PruneGroup("heads", "vision", i, cfg.vision_heads[i],
-                                             (Probe("attn", f"{base}.self_attn.out_proj", "input", "head_norm", cfg.vision_heads[i],
-                                                    cfg.vision_head_dim),)))
-            if "layers" in what:
-                groups.append(PruneGroup("layer", "vision", -1, cfg.vision_layers,
-                                         tuple(Probe("block", f"vision.layers.{i}", "output", "influence") for i in range(cfg.vision_layers))))
+            groups += vision_prune_groups(cfg, what)
         # MLP channels of the backbone (its last MLP feeds nothing, so it has no ranking) and the
         # expert. Their heads are not pruned (the expert's attention concatenates the backbone's
         # K/V heads: one head layout for both), nor whole layers (distill picks those, paired).
@@ -305,23 +269,9 @@ class Pi0Family(Family):
         layers = layers or {}
         keep = keep or {}
         src_cfg: Pi0Config = source.config
-        src = source.module.state_dict()
         out = self.new_policy(config)
         prefixes = {"vision": "vision.layers.", "backbone": "backbone.layers.", "expert": "expert.layers."}
-        new_state = {}
-        for name, ref in out.module.state_dict().items():
-            part = next((p for p, pre in prefixes.items() if name.startswith(pre)), None)
-            if part is None:
-                t = src[name]
-            else:
-                i_str, _, rest = name[len(prefixes[part]):].partition(".")
-                i = int(i_str)
-                j = layers[part][i] if part in layers else i
-                t = slice_layer_tensor(part == "vision", rest, src[f"{prefixes[part]}{j}.{rest}"],
-                                       src_cfg.vision_heads[j] if part == "vision" else 0, keep.get((part, i), {}))
-            if t.shape != ref.shape:
-                raise ValueError(f"{name}: sliced shape {tuple(t.shape)} does not match the new config's {tuple(ref.shape)}")
-            new_state[name] = t.detach().clone()
+        new_state = sliced_state(source, out.module.state_dict(), layers, keep, prefixes, src_cfg.vision_heads)
         out.module.load_state_dict(new_state)
         out.module.eval()
         out.spec = self.spec_of(out.module, tokenizer_dir=Path(source.spec.processor_settings["tokenizer_dir"]))
@@ -399,18 +349,6 @@ def _format_label(pd: PolicyDir, variant: str, sidecar) -> str:
     return f"{kind} (processor pipelines: lerobot >= 0.5; {len(pd.preprocessor)} pre / {len(pd.postprocessor)} post steps)"
 
 
-def _definition_digest(ckpt: Path, tok_dir: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for root in (ckpt, tok_dir):
-        for f in sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".txt", ".model")):
-            if f.name.startswith("model") and f.suffix == ".safetensors":
-                continue  # the weights have their own digest
-            h.update(f.name.encode() + sha256_file(f).encode())
-    return h.hexdigest()
-
-
 def _check_pipelines(pd: PolicyDir, variant: str) -> None:
     """The step sets lerobot >= 0.5 writes. 0.4.x pipelines (no relative_actions_processor) ran other
     semantics (images padded with -1 and clamped to [-1, 1]; pi0.5's prompt carried the state
@@ -463,19 +401,8 @@ def _resolve_config(pd: PolicyDir, variant: str, tok_dir: Path, state: dict, all
     tok_step = pd.step("pre", "tokenizer_processor")
     if tok_step is None:
         raise CheckpointError("the preprocessor has no tokenizer_processor step", source=pd.root / PREPROCESSOR)
-    rename_step = pd.step("pre", "rename_observations_processor")
-    back = {str(v): str(k) for k, v in ((rename_step.config.get("rename_map") if rename_step else None) or {}).items()}
-
-    inputs, outputs = pd.features("input_features"), pd.features("output_features")
+    visual, state_f, action_f, back = policy_features(pd)
     empty = int(c.get("empty_cameras", 0))
-    synthetic = {f"{IMAGE_PREFIX}empty_camera_{i}" for i in range(empty)}
-    visual = [f for k, f in inputs.items() if f.type == "VISUAL" and k not in synthetic]
-    states = [f for f in inputs.values() if f.type == "STATE"]
-    actions = [f for f in outputs.values() if f.type == "ACTION"]
-    if len(states) != 1 or len(actions) != 1:
-        raise CheckpointError(f"expected one STATE input and one ACTION output, found {[f.key for f in states]} and "
-                              f"{[f.key for f in actions]}", source=src)
-    state_f, action_f = states[0], actions[0]
     norms = Normalisers(pd, allow_unnormalized)
     state_dim, action_dim = state_f.shape[0], action_f.shape[0]
     state_norm = norms.mode(state_f, "state", (state_dim,))
@@ -484,7 +411,7 @@ def _resolve_config(pd: PolicyDir, variant: str, tok_dir: Path, state: dict, all
     for i, f in enumerate(visual):
         mode = norms.mode(f, f"images.{i}", (3, 1, 1))
         visual_modes.add(mode)
-        cameras.append(Camera(f.key, _camera_name(back.get(f.key, f.key)), f.shape[1], f.shape[2], normalized=mode != "IDENTITY"))
+        cameras.append(Camera(f.key, camera_name(back.get(f.key, f.key)), f.shape[1], f.shape[2], normalized=mode != "IDENTITY"))
 
     # Sizes: the weights say them (lerobot's config names only the variant).
     def shape(key: str) -> tuple[int, ...]:

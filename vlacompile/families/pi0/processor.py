@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlacompile.errors import CheckpointError, EpisodeError
-from vlacompile.families.base import Preprocessor
+from vlacompile.errors import CheckpointError
+from vlacompile.families.base import Preprocessor, camera_feeds
 from vlacompile.lerobot.tokenizer import TOKENIZER_FILE, TextTokenizer, find_in_hub_cache, hub_cache_dirs
 from vlacompile.observation import ObservationBatch
 from vlacompile.policy import PolicySpec
@@ -106,17 +106,7 @@ class Pi0Preprocessor(Preprocessor):
         return self._encode(text)
 
     def batch(self, obs: ObservationBatch) -> dict[str, np.ndarray]:
-        feeds: dict[str, np.ndarray] = {}
-        for cam in self.spec.cameras:
-            if cam.name not in obs.images:
-                raise EpisodeError(f"the policy reads camera {cam.name!r}; the observations have {sorted(obs.images)}",
-                                   source="observations", hint="map the dataset's cameras to the policy's (or record with them)")
-            frames = np.asarray(obs.images[cam.name])
-            if frames.shape[1:3] != (cam.height, cam.width):
-                raise EpisodeError(f"camera {cam.name!r} frames are {frames.shape[1]}x{frames.shape[2]}, the policy takes "
-                                   f"{cam.height}x{cam.width} (its input feature's shape)", source="observations",
-                                   hint="give frames at the resolution the policy was trained on")
-            feeds[f"images.{cam.name}"] = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.uint8)
+        feeds = camera_feeds(self.spec, obs)
         state = np.asarray(obs.state, dtype=np.float32)
         if self.takes_state:
             feeds["state"] = state

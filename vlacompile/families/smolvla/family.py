@@ -2,8 +2,6 @@
 lerobot's layer rules, prune groups, the System 2 (per-layer K/V) / System 1 split."""
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,16 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlacompile.checkpoint import WEIGHTS_NAME, check_and_load_state, read_json, read_weights, sha256_file, weights_digest
+from vlacompile.checkpoint import check_and_load_state, read_json, read_weights, weights_digest
 from vlacompile.errors import CheckpointError, ConfigError
 from vlacompile.families.base import Family, Probe, PruneGroup, SplitPlan, evenly_spaced, layers_from_request, part_module
-from vlacompile.families.blocks import slice_layer_tensor
+from vlacompile.families.lerobot_layout import camera_name, definition_digest, policy_features, sliced_state, vision_prune_groups, write_policy_dir
 from vlacompile.families.smolvla.configuration import FAMILY as NAME
 from vlacompile.families.smolvla.configuration import Camera, SmolVLAConfig
 from vlacompile.families.smolvla.modeling import SmolVLA
 from vlacompile.families.smolvla.processor import TOKENIZER_FILE, SmolVLAPreprocessor, TextTokenizer, resolve_vlm_dir
 from vlacompile.lerobot.policy_dir import PREPROCESSOR, POSTPROCESSOR, Normalisers, PolicyDir, read_policy_dir
-from vlacompile.observation import IMAGE_PREFIX
 from vlacompile.policy import CameraSpec, FlowHead, InputSpec, Policy, PolicySpec
 
 SIDECAR = "vlacompile.json"  # what a vlacompile student adds to lerobot's layout (per-layer sizes)
@@ -59,12 +56,6 @@ def to_lerobot_key(key: str) -> str:
     return "model." + key
 
 
-def _camera_name(key: str) -> str:
-    if key.startswith(IMAGE_PREFIX):
-        return key[len(IMAGE_PREFIX):]
-    return key[len("observation."):] if key.startswith("observation.") else key
-
-
 class SmolVLAFamily(Family):
     name = NAME
     label = "LeRobot SmolVLA"
@@ -98,7 +89,7 @@ class SmolVLAFamily(Family):
         module.eval()
         meta = {
             "source": str(ckpt), "weights_sha256": weights_digest(files), "format": _format_label(pd, sidecar),
-            "tokenizer": str(vlm_dir), "definition_sha256": _definition_digest(ckpt, vlm_dir),
+            "tokenizer": str(vlm_dir), "definition_sha256": definition_digest(ckpt, vlm_dir),
             "notes": notes, **({"allow_unnormalized": True} if allow_unnormalized else {}),
             **({"derived_from": sidecar.get("derived_from")} if sidecar else {}),
         }
@@ -113,28 +104,10 @@ class SmolVLAFamily(Family):
         config = dict(src["config"])
         config.update(num_vlm_layers=cfg.num_vlm_layers, num_steps=cfg.num_steps,
                       num_expert_layers=cfg.num_expert_layers if cfg.num_expert_layers != cfg.num_vlm_layers else -1)
-        (out / "config.json").write_text(json.dumps(config, indent=4) + "\n")
-        from safetensors.torch import save_file
-
-        module_state = policy.module.state_dict()
-        weights = {to_lerobot_key(k): v.detach().contiguous().cpu() for k, v in module_state.items() if not k.startswith("normalize.")}
-        save_file(weights, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        for name in (PREPROCESSOR, POSTPROCESSOR):
-            (out / name).write_text(src[name])
-        for name, tensors in src["state_files"].items():
-            from safetensors.numpy import save_file as save_np
-
-            save_np({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / name))
-        vlm = Path(policy.spec.processor_settings["tokenizer_dir"])
-        (out / VLM_DIR).mkdir(exist_ok=True)
-        for f in sorted(vlm.iterdir()):
-            if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja"):
-                shutil.copyfile(f, out / VLM_DIR / f.name)
         sidecar = {"format": 1, "vision_heads": list(cfg.vision_heads), "vision_mlp": list(cfg.vision_mlp),
                    "text_mlp": list(cfg.text_mlp), "expert_mlp": list(cfg.expert_mlp), "expert_kv_in": list(cfg.expert_kv_in),
                    "derived_from": policy.meta.get("derived_from")}
-        (out / SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-        return out
+        return write_policy_dir(policy, out, config, to_lerobot_key, VLM_DIR, (".json", ".txt", ".model", ".jinja"), (SIDECAR, sidecar))
 
     def build(self, config: SmolVLAConfig) -> SmolVLA:
         return SmolVLA(config)
@@ -295,17 +268,7 @@ class SmolVLAFamily(Family):
         cfg: SmolVLAConfig = policy.config
         groups: list[PruneGroup] = []
         if "vision" in parts:
-            head_dim = cfg.vision_head_dim
-            for i in range(cfg.vision_layers):
-                base = f"vision.layers.{i}"
-                if "mlp" in what:
-                    groups.append(PruneGroup("mlp", "vision", i, cfg.vision_mlp[i], (Probe("mlp", f"{base}.mlp.act", "output", "abs"),)))
-                if "heads" in what:
-                    groups.append(PruneGroup("heads", "vision", i, cfg.vision_heads[i],
-                                             (Probe("attn", f"{base}.self_attn.out_proj", "input", "head_norm", cfg.vision_heads[i], head_dim),)))
-            if "layers" in what:
-                groups.append(PruneGroup("layer", "vision", -1, cfg.vision_layers,
-                                         tuple(Probe("block", f"vision.layers.{i}", "output", "influence") for i in range(cfg.vision_layers))))
+            groups += vision_prune_groups(cfg, what)
         # MLP channels of the VLM's text layers (the last one's MLP feeds nothing, so it has no ranking)
         # and of the expert. Their heads are not pruned: the expert's cross-attention reads the VLM's
         # K/V heads, and lerobot's layout has one head count for both; nor whole layers: distill picks
@@ -337,24 +300,9 @@ class SmolVLAFamily(Family):
         layers = layers or {}
         keep = keep or {}
         src_cfg: SmolVLAConfig = source.config
-        src = source.module.state_dict()
         out = self.new_policy(config)
         prefixes = {"vision": "vision.layers.", "backbone": "text.layers.", "expert": "expert.layers."}
-        new_state = {}
-        for name, ref in out.module.state_dict().items():
-            part = next((p for p, pre in prefixes.items() if name.startswith(pre)), None)
-            if part is None:
-                t = src[name]
-            else:
-                rest = name[len(prefixes[part]):]
-                i_str, _, rest = rest.partition(".")
-                i = int(i_str)
-                j = layers[part][i] if part in layers else i
-                t = slice_layer_tensor(part == "vision", rest, src[f"{prefixes[part]}{j}.{rest}"],
-                                       src_cfg.vision_heads[j] if part == "vision" else 0, keep.get((part, i), {}))
-            if t.shape != ref.shape:
-                raise ValueError(f"{name}: sliced shape {tuple(t.shape)} does not match the new config's {tuple(ref.shape)}")
-            new_state[name] = t.detach().clone()
+        new_state = sliced_state(source, out.module.state_dict(), layers, keep, prefixes, src_cfg.vision_heads)
         out.module.load_state_dict(new_state)
         out.module.eval()
         out.spec = self.spec_of(out.module, tokenizer_dir=Path(source.spec.processor_settings["tokenizer_dir"]))
@@ -447,18 +395,6 @@ def _format_label(pd: PolicyDir, sidecar) -> str:
     return f"{kind} (processor pipelines: lerobot >= 0.4; {len(pd.preprocessor)} pre / {len(pd.postprocessor)} post steps)"
 
 
-def _definition_digest(ckpt: Path, vlm_dir: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for root in (ckpt, vlm_dir):
-        for f in sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".txt", ".model")):
-            if f.name.startswith("model") and f.suffix == ".safetensors":
-                continue  # the weights have their own digest
-            h.update(f.name.encode() + sha256_file(f).encode())
-    return h.hexdigest()
-
-
 def _check_steps(pd: PolicyDir) -> None:
     for steps, known, path in ((pd.preprocessor, PRE_STEPS, pd.root / PREPROCESSOR), (pd.postprocessor, POST_STEPS, pd.root / POSTPROCESSOR)):
         for s in steps:
@@ -492,20 +428,8 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
     tok_step = pd.step("pre", "tokenizer_processor")
     if tok_step is None or pd.step("post", "unnormalizer_processor") is None:
         raise CheckpointError("the pipelines lack a tokenizer_processor or unnormalizer_processor step", source=pd.root / PREPROCESSOR)
-    rename = {str(k): str(v) for k, v in (pd.step("pre", "rename_observations_processor").config.get("rename_map") or {}).items()} \
-        if pd.step("pre", "rename_observations_processor") else {}
-    back = {v: k for k, v in rename.items()}
-
-    inputs, outputs = pd.features("input_features"), pd.features("output_features")
+    visual, state_f, action_f, back = policy_features(pd)
     empty = int(c.get("empty_cameras", 0))
-    synthetic = {f"{IMAGE_PREFIX}empty_camera_{i}" for i in range(empty)}
-    visual = [f for k, f in inputs.items() if f.type == "VISUAL" and k not in synthetic]
-    states = [f for f in inputs.values() if f.type == "STATE"]
-    actions = [f for f in outputs.values() if f.type == "ACTION"]
-    if len(states) != 1 or len(actions) != 1:
-        raise CheckpointError(f"expected one STATE input and one ACTION output, found {[f.key for f in states]} and "
-                              f"{[f.key for f in actions]}", source=src)
-    state_f, action_f = states[0], actions[0]
 
     norms = Normalisers(pd, allow_unnormalized)
 
@@ -517,7 +441,7 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
     for i, f in enumerate(visual):
         mode = norms.mode(f, f"images.{i}", (3, 1, 1))
         visual_modes.add(mode)
-        name = _camera_name(back.get(f.key, f.key))
+        name = camera_name(back.get(f.key, f.key))
         cameras.append(Camera(f.key, name, f.shape[1], f.shape[2], normalized=mode != "IDENTITY"))
     visual_norm = next((m for m in visual_modes if m != "IDENTITY"), "IDENTITY")
 
