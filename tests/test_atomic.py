@@ -103,7 +103,8 @@ def test_killed_builds_leave_output_and_cache_consistent_and_resume(setup):
     _wait_paused(proc, "cache-write:distill")
     assert list(cache_dir.glob(".tmp-*/policy/model.safetensors"))  # the half-written entry exists ...
     _kill(proc)
-    assert not cache.has(keys[0]) and cache.entries() == []  # ... but is no entry
+    # ... but is no entry (the teacher's targets, computed before training, are a complete entry of their own)
+    assert not cache.has(keys[0]) and [e.stage for e in cache.entries()] in ([], ["teacher-targets"])
     assert _hashes(out) == setup["good"]
     assert list(tmp.glob(".good.partial-*"))  # SIGKILL leaves the partial directory behind
 
