@@ -55,6 +55,14 @@ def test_noise_bands():
         lat["p50_ms"] *= 1.6
         lat["intervals"] = {k: [v[0] * 1.6, v[1] * 1.6] for k, v in lat["intervals"].items()}
     assert not any(g["status"] == "fail" for g in baseline_gates(diff_reports(BASE, both), "old"))
+    # A sub-millisecond student: a 0.06 ms move (24%) is jitter; a 0.35 ms one is a regression.
+    tiny = copy.deepcopy(BASE)
+    tiny["latency"]["student"].update(p50_ms=0.25, intervals={**tiny["latency"]["student"]["intervals"], "p50_ms": [0.245, 0.255]})
+    for p50, verdict in ((0.31, False), (0.60, True)):
+        moved = copy.deepcopy(tiny)
+        moved["latency"]["student"].update(p50_ms=p50, intervals={**moved["latency"]["student"]["intervals"], "p50_ms": [p50 - 0.005, p50 + 0.005]})
+        failed = {g["name"] for g in baseline_gates(diff_reports(tiny, moved), "old") if g["status"] == "fail"}
+        assert ("baseline:latency.student_over_teacher_p50" in failed) is verdict, p50
     assert d["files"]["changed"] == ["student.onnx"]
     md = render_diff_markdown(d)
     assert "**beyond noise**" in md and "`closed_loop.student.success_rate`" in md
