@@ -485,7 +485,8 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
             cached.records[-1]["seconds"] = round(time.perf_counter() - t0, 2)
             artifact = cached
             log(f"cache: reusing {', '.join(s.name for s in rcp.stages[:start])} from {cache.root} (key {keys[start - 1][:12]})")
-    last = n if stop_after is None else [s.name for s in rcp.stages].index(stop_after) + 1
+    stop = None if stop_after is None else [s.name for s in rcp.stages].index(stop_after)
+    last = n if stop is None else stop + 1
     for i in range(start, last):
         stage = rcp.stages[i]
         test_pause(f"stage:{stage.name}")
@@ -508,11 +509,10 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
             except OSError as e:
                 log(f"cache: cannot write {cache.root} ({e.strerror}); building on without the cache")
                 cache = None
-        if stage.name == stop_after:
+        if i == stop:
             raise _Stopped(stage.name, keys[i], canonical[-1])
-    if stop_after is not None:  # every stage up to it came from the cache
-        j = [s.name for s in rcp.stages].index(stop_after)
-        raise _Stopped(stop_after, keys[j], canonical[j])
+    if stop is not None:  # every stage up to it came from the cache
+        raise _Stopped(stop_after, keys[stop], canonical[stop])
 
     student = artifact.policy
     if not artifact.quantized_torch:

@@ -143,12 +143,14 @@ def teacher_targets(
     batch_size: int = 64,
     progress: bool = False,
     sharded_teacher: bool = False,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> Targets:
-    """Run the teacher once on every (sample, seeded noise) pair; processes share the samples."""
+    """Run the teacher once on every (sample, seeded noise) pair; processes share the samples.
+    ``inputs``: the teacher's model inputs for ``samples``, when the caller has them already."""
     from tqdm import tqdm
 
     spec = teacher.spec
-    inputs = model_inputs(teacher, samples)
+    inputs = model_inputs(teacher, samples) if inputs is None else inputs
     n, r = len(samples), noises_per_sample
     noise = seeded_noise((n, r, *spec.noise_shape), seed)
     procs = accelerator.num_processes if accelerator is not None else 1
@@ -404,7 +406,7 @@ def _data_source(ctx) -> str:
     return str(root) if root is not None else "the training samples"
 
 
-def _targets_key(teacher: Policy, samples, settings: MatchSettings, seed: int) -> str | None:
+def _targets_key(teacher: Policy, inputs: dict[str, torch.Tensor], settings: MatchSettings, seed: int) -> str | None:
     """What the teacher's targets depend on: its weights and definition, the observations (as its
     preprocessor sees them), the noise seed and draws, whether features are kept. Not the student,
     its steps or the target profile: one precompute serves every build that draws these samples."""
@@ -415,8 +417,8 @@ def _targets_key(teacher: Policy, samples, settings: MatchSettings, seed: int) -
     h = hashlib.sha256(f"teacher-targets/1/{teacher.meta['weights_sha256']}/{teacher.meta.get('definition_sha256', '')}".encode())
     h.update(json_bytes({"seed": seed, "r": settings.noises_per_sample, "features": settings.feature_loss_weight > 0,
                          "spec": teacher.spec.to_dict()}))
-    for name, v in sorted(samples.model_inputs(teacher.spec).items()):
-        h.update(name.encode() + np.ascontiguousarray(v).tobytes())
+    for name, v in sorted(inputs.items()):
+        h.update(name.encode() + np.ascontiguousarray(v.numpy()).tobytes())
     return h.hexdigest()
 
 
@@ -426,14 +428,14 @@ def json_bytes(value) -> bytes:
     return json.dumps(value, sort_keys=True, default=str).encode()
 
 
-def _cached_targets(cache, key: str, teacher: Policy, samples, seed: int) -> Targets | None:
+def _cached_targets(cache, key: str, teacher: Policy, inputs: dict[str, torch.Tensor], seed: int) -> Targets | None:
     hit = cache.get_arrays(key)
     if hit is None:
         return None
     actions = torch.from_numpy(hit["actions"])
     n, r = actions.shape[:2]
     spec = teacher.spec
-    out = Targets(inputs=model_inputs(teacher, samples), noise=seeded_noise((n, r, *spec.noise_shape), seed), actions=actions)
+    out = Targets(inputs=inputs, noise=seeded_noise((n, r, *spec.noise_shape), seed), actions=actions)
     if "features" in hit:
         out.features, out.feature_mask = torch.from_numpy(hit["features"]), torch.from_numpy(hit["feature_mask"])
     return out
@@ -461,8 +463,9 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
 
     t0 = time.perf_counter()
     cache = getattr(ctx, "cache", None)
-    key = _targets_key(teacher, samples, settings, ctx.seed) if cache is not None else None
-    targets = _cached_targets(cache, key, teacher, samples, ctx.seed) if key is not None else None
+    teacher_in = model_inputs(teacher, samples)  # once: the cache key hashes them, the teacher runs on them
+    key = _targets_key(teacher, teacher_in, settings, ctx.seed) if cache is not None else None
+    targets = _cached_targets(cache, key, teacher, teacher_in, ctx.seed) if key is not None else None
     reused = targets is not None
     if targets is None:
         targets = teacher_targets(
@@ -475,6 +478,7 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
             batch_size=settings.target_batch_size,
             progress=show,
             sharded_teacher=settings.parallel == "fsdp",
+            inputs=teacher_in,
         )
         if key is not None:
             arrays = {"actions": targets.actions.numpy()}
@@ -515,6 +519,10 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         action_std = get_family(teacher.family).action_scale(teacher)
         objective = _MatchObjective(student, copy.deepcopy(student.module), action_std, settings.feature_loss_weight)
     objective.train()
+    fsdp = settings.parallel == "fsdp" and procs > 1
+    if fsdp:
+        # FSDP2 by hand (Accelerate's FSDP needs GPUs): shard before the optimizer sees the parameters.
+        shard(objective.to(accelerator.device))
     optimizer = torch.optim.AdamW(_param_groups(objective.student, settings.weight_decay), lr=settings.lr, foreach=True)
     warmup = max(1, round(settings.warmup_fraction * settings.steps))
 
@@ -534,12 +542,7 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         drop_last=True,
         collate_fn=_batch_as_is,
     )
-    fsdp = settings.parallel == "fsdp" and procs > 1
     if fsdp:
-        # FSDP2 by hand (Accelerate's FSDP needs GPUs): shard before the optimizer sees the parameters.
-        shard(objective.to(accelerator.device))
-        optimizer = torch.optim.AdamW(_param_groups(objective.student, settings.weight_decay), lr=settings.lr, foreach=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         loader = accelerator.prepare(loader)
     else:
         objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)

@@ -261,7 +261,8 @@ def verify(
     teacher_a, teacher_b = _teacher_actions(teacher, teacher_runner, inputs, noise2, cache, progress, notes)
     observations, noises = data.observations, data.noises
     student_inputs, student_noises = inputs, noises
-    if student_spec.family != spec.family:
+    cross = student_spec.family != spec.family
+    if cross:
         # Another family's head: its own inputs (its preprocessor) and its own noise, drawn independently.
         rng = np.random.default_rng([seed, 0x5EED])
         s_noise = rng.standard_normal((n, *student_spec.noise_shape), dtype=np.float32)
@@ -276,7 +277,7 @@ def verify(
     student_a = student_runner.run_batched(student_inputs, BATCH, progress=progress, desc="student")
     accuracy = action_agreement(teacher_a, student_a, _as_student(samples.actions, spec, student_spec))
     accuracy["teacher_self_consistency"] = self_consistency(teacher_a, teacher_b)
-    accuracy["independent_noise"] = student_spec.family != spec.family
+    accuracy["independent_noise"] = cross
     accuracy["measured_on"] = host
     notes += accuracy.pop("notes", [])
 
