@@ -7,12 +7,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
 
 from vlacompile.checkpoint import WEIGHTS_NAME, sha256_file
-from vlacompile.errors import CheckpointError
+from vlacompile.errors import CheckpointError, ConfigError
 from vlacompile.families.base import Probe, PruneGroup
 from vlacompile.families.blocks import slice_layer_tensor
 from vlacompile.lerobot.policy_dir import POSTPROCESSOR, PREPROCESSOR, Feature, PolicyDir
@@ -118,3 +119,20 @@ def vision_prune_groups(cfg, what: tuple[str, ...]) -> list[PruneGroup]:
         groups.append(PruneGroup("layer", "vision", -1, cfg.vision_layers,
                                  tuple(Probe("block", f"vision.layers.{i}", "output", "influence") for i in range(cfg.vision_layers))))
     return groups
+
+
+def pruned_config(config, depths: dict[str, int], layers, heads, mlp, label: str, hint: str):
+    """``config`` with the kept layers' MLP widths (``vision_mlp`` / ``text_mlp`` / ``expert_mlp``) and
+    vision heads; the backbone and expert keep all their layers (distill chooses those), else an error."""
+    changes: dict[str, Any] = {}
+    for part, field_mlp in (("vision", "vision_mlp"), ("backbone", "text_mlp"), ("expert", "expert_mlp")):
+        if part not in layers:
+            continue
+        old = getattr(config, field_mlp)
+        changes[field_mlp] = tuple(old[j] if m is None else m for j, m in zip(layers[part], mlp[part]))
+    if "vision" in layers:
+        changes["vision_heads"] = tuple(config.vision_heads[j] if h is None else h for j, h in zip(layers["vision"], heads["vision"]))
+    for part in ("backbone", "expert"):
+        if part in layers and layers[part] != list(range(depths[part])):
+            raise ConfigError(f"prune cannot drop {part} layers of a {label} policy", source="prune.drop_layers", hint=hint)
+    return replace(config, **changes)

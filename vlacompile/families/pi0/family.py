@@ -14,7 +14,8 @@ import torch
 from vlacompile.checkpoint import check_and_load_state, read_json, read_weights, weights_digest
 from vlacompile.errors import CheckpointError, ConfigError
 from vlacompile.families.base import Family, Probe, PruneGroup, SplitPlan, layers_from_request, part_module
-from vlacompile.families.lerobot_layout import camera_name, definition_digest, policy_features, sliced_state, vision_prune_groups, write_policy_dir
+from vlacompile.families.lerobot_layout import (camera_name, definition_digest, policy_features, pruned_config, sliced_state,
+                                                vision_prune_groups, write_policy_dir)
 from vlacompile.families.pi0.configuration import FAMILY as NAME
 from vlacompile.families.pi0.configuration import QUERY_HEADS, VISION_HEADS, Pi0Config
 from vlacompile.families.pi0.modeling import Pi0
@@ -251,19 +252,7 @@ class Pi0Family(Family):
         return groups
 
     def pruned_config(self, config: Pi0Config, layers, heads, mlp) -> Pi0Config:
-        changes: dict[str, Any] = {}
-        for part, field_mlp in (("vision", "vision_mlp"), ("backbone", "text_mlp"), ("expert", "expert_mlp")):
-            if part not in layers:
-                continue
-            old = getattr(config, field_mlp)
-            changes[field_mlp] = tuple(old[j] if m is None else m for j, m in zip(layers[part], mlp[part]))
-        if "vision" in layers:
-            changes["vision_heads"] = tuple(config.vision_heads[j] if h is None else h for j, h in zip(layers["vision"], heads["vision"]))
-        for part in ("backbone", "expert"):
-            if part in layers and layers[part] != list(range(config.depth)):
-                raise ConfigError(f"prune cannot drop {part} layers of a pi0 policy", source="prune.drop_layers",
-                                  hint="choose backbone / expert layers in distill (distill.layers)")
-        return replace(config, **changes)
+        return pruned_config(config, self.depths(config), layers, heads, mlp, "pi0", "choose backbone / expert layers in distill (distill.layers)")
 
     def restructure(self, source: Policy, config: Pi0Config, layers=None, keep=None) -> Policy:
         layers = layers or {}

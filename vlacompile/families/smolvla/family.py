@@ -12,7 +12,8 @@ import torch
 from vlacompile.checkpoint import check_and_load_state, read_json, read_weights, weights_digest
 from vlacompile.errors import CheckpointError, ConfigError
 from vlacompile.families.base import Family, Probe, PruneGroup, SplitPlan, evenly_spaced, layers_from_request, part_module
-from vlacompile.families.lerobot_layout import camera_name, definition_digest, policy_features, sliced_state, vision_prune_groups, write_policy_dir
+from vlacompile.families.lerobot_layout import (camera_name, definition_digest, policy_features, pruned_config, sliced_state,
+                                                vision_prune_groups, write_policy_dir)
 from vlacompile.families.smolvla.configuration import FAMILY as NAME
 from vlacompile.families.smolvla.configuration import Camera, SmolVLAConfig
 from vlacompile.families.smolvla.modeling import SmolVLA
@@ -282,19 +283,7 @@ class SmolVLAFamily(Family):
         return groups
 
     def pruned_config(self, config: SmolVLAConfig, layers, heads, mlp) -> SmolVLAConfig:
-        changes: dict[str, Any] = {}
-        for part, field_mlp in (("vision", "vision_mlp"), ("backbone", "text_mlp"), ("expert", "expert_mlp")):
-            if part not in layers:
-                continue
-            old = getattr(config, field_mlp)
-            changes[field_mlp] = tuple(old[j] if m is None else m for j, m in zip(layers[part], mlp[part]))
-        if "vision" in layers:
-            changes["vision_heads"] = tuple(config.vision_heads[j] if h is None else h for j, h in zip(layers["vision"], heads["vision"]))
-        for part in ("backbone", "expert"):
-            if part in layers and layers[part] != list(range(self.depths(config)[part])):
-                raise ConfigError(f"prune cannot drop {part} layers of a SmolVLA policy", source="prune.drop_layers",
-                                  hint="choose VLM / expert layers in distill (distill.layers)")
-        return replace(config, **changes)
+        return pruned_config(config, self.depths(config), layers, heads, mlp, "SmolVLA", "choose VLM / expert layers in distill (distill.layers)")
 
     def restructure(self, source: Policy, config: SmolVLAConfig, layers=None, keep=None) -> Policy:
         layers = layers or {}
