@@ -188,6 +188,9 @@ def stage_keys(root: str, stages, target, versions: dict[str, str]) -> list[str]
         code = versions.get("vlacompile-code") or pinned or stage_code_hash(f"vlacompile.stages.{stage.module}")
         record = {"prev": prev, "stage": s.name, "params": to_dict(s.params),
                   "versions": {**versions, "vlacompile-code": code}}
+        facts = getattr(stage.load(), "key_facts", None)  # what a param resolves to on this machine ("auto")
+        if facts is not None:
+            record["facts"] = facts(s.params)
         if stage.reads_target:
             record["target"] = target_dict
         prev = _digest(record)

@@ -54,6 +54,38 @@ class MatchSettings:
     objective: str = "match"  # "match": shared-noise chunk matching; "flow": flow matching on teacher-labelled chunks
     parallel: str = "ddp"  # with several processes: "ddp" (replicas) or "fsdp" (sharded student and teacher)
     log_points: int = 10  # loss values logged (and kept in the loss curve) over the run
+    precision: str = "fp32"  # the student's forward: "fp32", or "bf16" autocast (master weights, optimizer and loss stay FP32)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device | None = None) -> bool:
+    """Whether ``device`` multiplies BF16 in hardware (CUDA compute capability >= 8; a CPU with
+    AVX512-BF16 or AMX, or an Arm core with the BF16 extension, such as Jetson Thor's). oneDNN
+    emulates BF16 on other CPUs, which is slower than FP32, so "auto" keeps those in FP32."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(requested: str, device: torch.device | None = None) -> str:
+    """``requested`` ("auto", "fp32", "bf16") -> what the training loop runs: "auto" is BF16
+    autocast where the device computes BF16 natively, FP32 elsewhere."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"train_precision is {requested!r}; it is one of {list(PRECISIONS)}", source="recipe")
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return requested
 
 
 def model_inputs(policy: Policy, samples) -> dict[str, torch.Tensor]:
@@ -549,12 +581,20 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
     held = local_parameters(objective)
 
     log_every = max(1, settings.steps // max(1, settings.log_points))
+    # Mixed precision as on GPUs: the forward's matrix products in BF16 (2.3x an FP32 one on
+    # AVX512-BF16), with FP32 weights, gradients, optimizer and loss; autocast keeps the norms,
+    # softmax and reductions in FP32.
+    autocast = settings.precision == "bf16"
+    if main and autocast:
+        ctx.log(f"{name}: training the student with BF16 autocast (FP32 weights and optimizer)")
     curve: list[list[float]] = []
     window, count = torch.zeros((), device=accelerator.device), 0
     t1 = time.perf_counter()
     with tqdm(total=settings.steps, desc=name, disable=not show, mininterval=1.0) as bar:
         for step, batch in enumerate(loader):
-            loss = objective(**batch)
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = objective(**batch)
+            loss = loss.float()
             if not bool(torch.isfinite(loss.detach())):  # training on NaN would run to the end and fail at export
                 raise TrainingError(
                     f"{name}: the loss is {float(loss.detach())} at step {step + 1} of {settings.steps} (lr {settings.lr:g})",
@@ -608,5 +648,6 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         "targets_reused": reused,
         "processes": procs,
         "parallel": "fsdp" if fsdp else ("ddp" if procs > 1 else "none"),
+        "precision": settings.precision,
         "local_parameters": held,  # what this process held while training (1/N of them under FSDP)
     }

@@ -161,6 +161,7 @@ def test_layer_index_out_of_range_names_the_param_and_the_depth(teacher, episode
         (dict(feature_loss_weight=-1.0), "feature_loss_weight"),
         (dict(state_jitter_copies=2), "state_jitter_copies"),  # copies without a jitter are plain duplicates
         (dict(state_jitter_copies=-1), "state_jitter_copies"),
+        (dict(train_precision="fp16"), "train_precision"),
     ],
 )
 def test_check_rejects_illegal_params(change, key):
@@ -198,6 +199,68 @@ def test_state_jitter_distillation_trains_on_the_jittered_observations(teacher, 
     art = distill.run(Artifact(policy=teacher), params, make_ctx(teacher, episodes, logs=logs))
     assert art.records[-1]["num_samples"] == 3 * 64
     assert any("192 (observation, noise) pairs" in m for m in logs), logs
+
+
+def test_bf16_autocast_trains_as_well_as_fp32_and_says_so(teacher, episodes):
+    """train_precision = "bf16": the forward's products in BF16 with FP32 weights. The student it
+    gives is as close to the teacher as the FP32 one (its weights stay FP32), and the record says
+    which precision trained it."""
+    logs: list[str] = []
+    ctx = make_ctx(teacher, episodes, logs=logs)
+    x = probe_inputs(teacher, episodes[2])
+    runs = {p: distill.run(Artifact(policy=teacher), replace(SMALL, train_precision=p), ctx) for p in ("fp32", "bf16")}
+    assert runs["bf16"].records[-1]["precision"] == "bf16" and runs["fp32"].records[-1]["precision"] == "fp32"
+    assert any("BF16 autocast" in m for m in logs)
+    assert all(p.dtype == torch.float32 for p in runs["bf16"].policy.module.parameters())
+    err = {p: nmse(actions(r.policy.module, x), actions(teacher.module, x)) for p, r in runs.items()}
+    untrained = nmse(actions(distill.run(Artifact(policy=teacher), replace(SMALL, steps=0), ctx).policy.module, x),
+                     actions(teacher.module, x))
+    assert err["bf16"] < 0.5 * untrained and err["bf16"] < 1.3 * err["fp32"] + 1e-3, (err, untrained)
+    assert not torch.equal(next(runs["bf16"].policy.module.parameters()), next(runs["fp32"].policy.module.parameters()))
+
+
+def _pretend_cpu_flags(monkeypatch, tmp_path, flags: str | None) -> None:
+    import builtins
+
+    cpuinfo = tmp_path / f"cpuinfo-{abs(hash(flags))}"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n" if flags else "processor\t: 0\n")
+    real_open = getattr(builtins.open, "real_open", builtins.open)
+
+    def fake_open(f, *a, **k):
+        return real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k)
+
+    fake_open.real_open = real_open
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("flags, expected", [("avx512f avx512_bf16", "bf16"), ("avx512f amx_bf16 amx_tile", "bf16"),
+                                             ("fp asimd bf16 i8mm", "bf16"), ("avx2 avx512f avx512bw", "fp32"), (None, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, tmp_path, flags, expected):
+    """oneDNN emulates BF16 on CPUs without the instructions (slower than FP32), so "auto" asks the CPU flags."""
+    from vlacompile import training
+
+    _pretend_cpu_flags(monkeypatch, tmp_path, flags)
+    assert training.resolve_precision("auto") == expected
+    assert training.resolve_precision("fp32") == "fp32" and training.resolve_precision("bf16") == "bf16"
+
+
+def test_the_distill_cache_key_holds_what_auto_precision_resolved_to(monkeypatch, tmp_path):
+    """A student trained in BF16 on one machine is not taken for the FP32 one of another (a CI cache
+    restored across runner types); an explicit precision gives the same key on both."""
+    from vlacompile.cache import stage_keys
+    from vlacompile.recipes import StageSpec
+
+    class NoTarget:
+        def to_dict(self):
+            return {}
+
+    def key(precision: str, flags: str) -> str:
+        _pretend_cpu_flags(monkeypatch, tmp_path, flags)
+        return stage_keys("root", [StageSpec("distill", distill.Params(train_precision=precision))], NoTarget(), {})[0]
+
+    assert key("auto", "avx512f avx512_bf16") != key("auto", "avx512f")
+    assert key("fp32", "avx512f avx512_bf16") == key("fp32", "avx512f")
 
 
 def test_train_to_match_is_usable_on_its_own(teacher, episodes):

@@ -28,7 +28,7 @@ from typing import Any
 
 from vlacompile.errors import ConfigError, EpisodeError
 from vlacompile.stages import Artifact, BuildContext, Kind
-from vlacompile.training import MatchSettings, train_to_match
+from vlacompile.training import MatchSettings, resolve_precision, train_to_match
 
 IMPORTANCE_SAMPLES = 128  # calibration observations for ranking MLP channels
 
@@ -64,10 +64,20 @@ class Params:
     # Under accelerate launch / torchrun with several processes: "ddp" replicates the student, "fsdp"
     # shards student and teacher (FSDP2). One process: no difference.
     parallel: str = "ddp"
+    # The student's forward while training: "fp32", "bf16" (autocast; weights, optimizer and loss in
+    # FP32) or "auto" (bf16 where the training device computes BF16 in hardware, else fp32).
+    train_precision: str = "fp32"
 
 
 def kinds(params: Params, target) -> tuple[Kind, Kind]:
     return "torch", "torch"
+
+
+def key_facts(params: Params) -> dict[str, Any]:
+    """What the stage's result depends on beyond its params: the precision "auto" resolves to here."""
+    from vlacompile.training import resolve_precision
+
+    return {"train_precision": resolve_precision(params.train_precision)}
 
 
 def _check_layers(layers: dict[str, Any], where: str, source: str) -> None:
@@ -104,6 +114,11 @@ def check(params: Params, target, source: str = "recipe") -> None:
     _check_layers(params.layers, "distill.layers", source)
     if params.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"distill.parallel is {params.parallel!r}; it is \"ddp\" or \"fsdp\"", source=source)
+    from vlacompile.training import PRECISIONS
+
+    if params.train_precision not in PRECISIONS:
+        raise ConfigError(f"distill.train_precision is {params.train_precision!r}; it is one of {list(PRECISIONS)}", source=source,
+                          hint="\"auto\" trains in BF16 where the hardware has it")
     if params.objective not in ("auto", "match", "flow"):
         raise ConfigError(f"distill.objective is {params.objective!r}; it is \"auto\", \"match\" or \"flow\"", source=source)
     if params.student:
@@ -253,6 +268,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
             feature_loss_weight=params.feature_loss_weight,
             objective=objective,
             parallel=params.parallel,
+            precision=resolve_precision(params.train_precision),
         )
         metrics = train_to_match(student, teacher, samples, settings, ctx, name="distill")
         metrics["num_samples"] = len(samples)
@@ -264,7 +280,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
         "final_loss": metrics.get("final_loss"),
         "loss_curve": metrics.get("loss_curve", []),
         **{k: metrics[k] for k in ("initial_loss", "target_seconds", "targets_reused", "train_seconds", "processes", "parallel", "local_parameters",
-                                   "num_samples") if k in metrics},
+                                   "num_samples", "precision") if k in metrics},
         "objective": objective,
         "student_family": student.family,
         "student_params": student.num_parameters(),
