@@ -337,10 +337,18 @@ def test_a_rebuild_reuses_the_closed_loop_rollouts(built, tiny_checkpoint_module
     assert again.exit_code == EXIT_OK, again.output
     old = json.loads((built["out"] / "report.json").read_text())["closed_loop"]
     new = json.loads((tmp / "cl-again" / "report.json").read_text())
-    assert new["closed_loop"]["reused"] is True and "closed loop in suite reaching reused" in again.output
+    assert new["closed_loop"]["reused"] is True and "rollouts of the teacher and student reused" in again.output
     assert new["closed_loop"]["student"]["success_rate"] == old["student"]["success_rate"]
     assert any("closed-loop rollouts were reused" in n for n in new["notes"])
     (tmp / "more.toml").write_text(built["recipe"].read_text().replace("episodes_per_task = 1", "episodes_per_task = 2"))
     more = _build([*args, "--recipe", str(tmp / "more.toml"), "--out", str(tmp / "cl-more")])
     report = json.loads((tmp / "cl-more" / "report.json").read_text())
     assert report["closed_loop"]["reused"] is False and report["closed_loop"]["episodes"] == 18, more.output
+    assert report["closed_loop"]["reused_runs"] == []
+    # Another student (no training): only its rollouts run; the teacher's are the first build's.
+    (tmp / "other.toml").write_text(built["recipe"].read_text().replace("steps = 60", "steps = 0"))
+    other = _build([*args, "--recipe", str(tmp / "other.toml"), "--out", str(tmp / "cl-other")])
+    report = json.loads((tmp / "cl-other" / "report.json").read_text())
+    assert report["closed_loop"]["reused_runs"] == ["teacher"] and "rollouts of the teacher reused" in other.output, other.output
+    assert report["closed_loop"]["teacher"]["success_rate"] == old["teacher"]["success_rate"]
+    assert any("teacher's closed-loop rollouts were reused" in n for n in report["notes"])

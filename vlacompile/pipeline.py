@@ -638,6 +638,9 @@ def _post_verify_checks(tgt, rcp, teacher, student, artifact, result: dict, tmp:
         if section.get("reused"):
             result["notes"].append("the closed-loop rollouts were reused from the stage cache (same teacher, student graph, "
                                    "suite, seeds and episodes); latency was measured again")
+        elif section.get("reused_runs"):
+            result["notes"].append("the teacher's closed-loop rollouts were reused from the stage cache (same teacher, suite, "
+                                   "seeds and episodes); the student's were run")
         result["closed_loop"] = section
         gates.append(gate)
 

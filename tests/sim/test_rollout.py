@@ -100,6 +100,23 @@ def test_each_chunk_executes_exactly_n_actions(suite, n):
     assert all(r["steps"] == suite.max_steps and r["chunks"] == per_episode and not r["success"] for r in result["runs"])
 
 
+def test_environments_shared_between_evaluations_change_nothing(suite, tiny_policy):
+    """closed_loop() plays the teacher and then the student in the same environments (one per task):
+    each episode resets from its seed, so the student's results are those of fresh environments."""
+    from vlacompile.sim.rollout import close_envs
+
+    kwargs = dict(tasks=TASKS, episodes_per_task=2, seed=3, actions_per_chunk=4, progress=False)
+    fresh = evaluate(TorchRunner(tiny_policy), suite, **kwargs)
+    envs: dict = {}
+    evaluate(ScriptedExpert(tiny_policy.spec.chunk_size), suite, **kwargs, envs=envs)
+    made = dict(envs)
+    shared = evaluate(TorchRunner(tiny_policy), suite, **kwargs, envs=envs)
+    assert envs == made and set(envs) == set(TASKS)  # reused, not remade, and left open for the caller
+    assert _strip_time(shared) == _strip_time(fresh)
+    close_envs(envs)
+    assert envs == {}
+
+
 def test_report_fields(suite):
     result = evaluate(ScriptedExpert(8), suite, tasks=TASKS, episodes_per_task=2, seed=1, actions_per_chunk=8, progress=False)
     assert result["episodes"] == 4 and result["success_rate"] == 1.0

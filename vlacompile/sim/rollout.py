@@ -118,11 +118,15 @@ def evaluate(
     seed: int,
     actions_per_chunk: int,
     progress: bool = True,
+    envs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Success rate of ``runner`` as a closed-loop controller on ``suite``'s tasks (all by default).
 
     Episode ``e`` of the task at index ``i`` of ``suite.tasks`` starts from
-    ``episode_seed(seed, i, e)``, whichever subset of tasks is evaluated.
+    ``episode_seed(seed, i, e)``, whichever subset of tasks is evaluated. ``envs``: task ->
+    environment, shared with other evaluations (every episode resets from its seed, so a reused
+    environment starts where a new one would); the caller closes them. Without it, the environments
+    are made here and closed at the end.
     """
     tasks = list(suite.tasks if tasks is None else tasks)
     _check(runner, suite, tasks, actions_per_chunk, episodes_per_task)
@@ -133,7 +137,8 @@ def evaluate(
 
         jobs = tqdm(jobs, desc=f"closed loop: {getattr(runner, 'name', 'runner')}", unit="episode", leave=False)
     runs: list[dict] = []
-    envs: dict[str, Any] = {}
+    owned = envs is None
+    envs = {} if envs is None else envs
     for ti, task, e in jobs:
         if task not in envs:  # one environment per task, reset for each episode
             envs[task] = suite.make_env(task)
@@ -147,9 +152,8 @@ def evaluate(
             max_steps=suite.max_steps,
         )
         runs.append({"task": task, "episode": e, **r})
-    for env in envs.values():
-        if hasattr(env, "close"):
-            env.close()
+    if owned:
+        close_envs(envs)
     per_task = {}
     for task in tasks:
         rs = [r for r in runs if r["task"] == task]
@@ -179,6 +183,13 @@ def evaluate(
     }
 
 
+def close_envs(envs: dict[str, Any]) -> None:
+    for env in envs.values():
+        if hasattr(env, "close"):
+            env.close()
+    envs.clear()
+
+
 def compare(teacher: dict, student: dict, max_drop: float) -> dict[str, Any]:
     """The student's success-rate drop from the teacher's, judged against ``max_drop`` (a fraction,
     0.05 = 5 points) as a paired comparison (``vlacompile.verify.stats.paired_closed_loop``).
@@ -188,17 +199,20 @@ def compare(teacher: dict, student: dict, max_drop: float) -> dict[str, Any]:
     """
     keys = ("suite", "seed", "episodes_per_task", "actions_per_chunk", "max_steps")
     differ = [k for k in keys if teacher[k] != student[k]]
-    if differ or list(teacher["tasks"]) != list(student["tasks"]):
+    # Sets: a result read back from the cache's JSON has its task keys sorted.
+    if differ or set(teacher["tasks"]) != set(student["tasks"]):
         raise ValueError(f"teacher and student were evaluated differently ({differ or ['tasks']}): their success rates are not comparable")
     from vlacompile.verify.stats import paired_closed_loop
 
     pairs = list(zip(teacher["runs"], student["runs"]))
+    if len(teacher["runs"]) != len(student["runs"]) or any((t["task"], t["episode"]) != (s["task"], s["episode"]) for t, s in pairs):
+        raise ValueError("teacher and student episodes do not pair up (task, episode): their success rates are not comparable")
     drop = teacher["success_rate"] - student["success_rate"]
     b = sum(t["success"] and not s["success"] for t, s in pairs)
     c = sum(s["success"] and not t["success"] for t, s in pairs)
     paired = paired_closed_loop(b, c, len(pairs), max_drop)
     per_task = {}
-    for task in teacher["tasks"]:
+    for task in dict.fromkeys(t["task"] for t in teacher["runs"]):  # the evaluation's order
         tp = [(t, s) for t, s in pairs if t["task"] == task]
         tb = sum(t["success"] and not s["success"] for t, s in tp)
         tc = sum(s["success"] and not t["success"] for t, s in tp)
