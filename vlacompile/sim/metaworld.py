@@ -106,17 +106,20 @@ class MetaWorldEnv:
         self._env.set_task(mt1.train_tasks[0])
         self._env._partially_observable = False  # the goal is part of the state (see the module doc)
         self._t = 0
-        self._fast_render = False
+        self._viewer = None
 
     def _render(self) -> np.ndarray:
-        if not self._fast_render:  # the viewer exists after the first render
+        if self._viewer is None:  # the viewer exists after the first render
             import mujoco
 
             self._env.render()
-            scene = self._env.mujoco_renderer._get_viewer("rgb_array").scn
-            scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
-            scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-            self._fast_render = True
+            self._viewer = self._env.mujoco_renderer._get_viewer("rgb_array")
+            self._viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+            self._viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        # Every env has its own OpenGL context, and gymnasium makes one current only when it is
+        # created: after another env rendered, this one would read that env's frame (the student's
+        # closed loop, played in the environments the teacher had used, scored 0.82 instead of 0.91).
+        self._viewer.make_context_current()
         image = np.asarray(self._env.render(), dtype=np.uint8)
         if self._flip:
             image = image[::-1, ::-1]
