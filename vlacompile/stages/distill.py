@@ -28,7 +28,7 @@ from typing import Any
 
 from vlacompile.errors import ConfigError, EpisodeError
 from vlacompile.stages import Artifact, BuildContext, Kind
-from vlacompile.training import MatchSettings, resolve_precision, train_to_match
+from vlacompile.training import PRECISIONS, MatchSettings, resolve_precision, train_to_match
 
 IMPORTANCE_SAMPLES = 128  # calibration observations for ranking MLP channels
 
@@ -75,8 +75,6 @@ def kinds(params: Params, target) -> tuple[Kind, Kind]:
 
 def key_facts(params: Params) -> dict[str, Any]:
     """What the stage's result depends on beyond its params: the precision "auto" resolves to here."""
-    from vlacompile.training import resolve_precision
-
     return {"train_precision": resolve_precision(params.train_precision)}
 
 
@@ -114,8 +112,6 @@ def check(params: Params, target, source: str = "recipe") -> None:
     _check_layers(params.layers, "distill.layers", source)
     if params.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"distill.parallel is {params.parallel!r}; it is \"ddp\" or \"fsdp\"", source=source)
-    from vlacompile.training import PRECISIONS
-
     if params.train_precision not in PRECISIONS:
         raise ConfigError(f"distill.train_precision is {params.train_precision!r}; it is one of {list(PRECISIONS)}", source=source,
                           hint="\"auto\" trains in BF16 where the hardware has it")
