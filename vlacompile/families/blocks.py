@@ -8,6 +8,14 @@ import math
 import torch
 from torch import nn
 
+# The score a masked key gets: float16's lowest finite value. lerobot fills with float32's lowest,
+# which rounds to -inf in bfloat16 and float16 (autocast, a TensorRT FP16/BF16 engine), and a row
+# whose keys are all masked (a padded query) then softmaxes to NaN, which 0 * NaN spreads through
+# every later product. This value is finite in all three, still softmaxes a fully masked row to the
+# uniform row lerobot computes, and gives partly masked rows the same exact zeros in float32
+# (exp(-65504 - s) underflows for any real score s).
+MASKED_SCORE = -65504.0
+
 ACTIVATIONS = {
     "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU,
     "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"), "gelu_new": lambda: nn.GELU(approximate="tanh"),
@@ -48,13 +56,14 @@ class Projections(nn.Module):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
     """lerobot's eager attention: q [B, L, H, D], k/v [B, S, KV, D] (GQA by expansion), ``allowed``
-    [B, L, S] -> [B, L, H * D]. Masked scores take float32's lowest value, as lerobot's do."""
+    [B, L, S] -> [B, L, H * D]. Masked scores take ``MASKED_SCORE``: lerobot's float32 result, finite
+    in every reduced precision."""
     b, s, _, d = k.shape
     groups = heads // kv_heads
     k = k[:, :, :, None, :].expand(b, s, kv_heads, groups, d).reshape(b, s, heads, d)
     v = v[:, :, :, None, :].expand(b, s, kv_heads, groups, d).reshape(b, s, heads, d)
     scores = torch.matmul(q.transpose(1, 2), k.transpose(1, 2).transpose(2, 3)) * (d**-0.5)
-    scores = torch.where(allowed[:, None, :, :], scores, torch.finfo(torch.float32).min)
+    scores = torch.where(allowed[:, None, :, :], scores, MASKED_SCORE)
     probs = scores.softmax(dim=-1)
     out = torch.matmul(probs, v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
     return out.reshape(b, q.shape[1], heads * d)
