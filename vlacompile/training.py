@@ -27,6 +27,7 @@ teacher needs. FSDP2 runs on CPU (gloo) as on GPU (NCCL).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class MatchSettings:
     objective: str = "match"  # "match": shared-noise chunk matching; "flow": flow matching on teacher-labelled chunks
     parallel: str = "ddp"  # with several processes: "ddp" (replicas) or "fsdp" (sharded student and teacher)
     log_points: int = 10  # loss values logged (and kept in the loss curve) over the run
-    precision: str = "fp32"  # the student's forward: "fp32", or "bf16" autocast (master weights, optimizer and loss stay FP32)
+    precision: str = "fp32"  # the student's forward: "fp32", "bf16" autocast (master weights, optimizer and loss stay FP32), or "auto"
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -86,6 +87,34 @@ def resolve_precision(requested: str, device: torch.device | None = None) -> str
     if requested == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return requested
+
+
+# "auto" trains in BF16 only when the student's BF16 forward on the first batch is finite and within
+# this relative L2 distance of its FP32 forward. BF16 keeps 8 significant bits (0.4% a rounding): the
+# families' tiny policies measured up to 0.6%, so this catches NaN and garbage, not roundings.
+BF16_CHECK_TOLERANCE = 0.05
+
+
+def choose_precision(requested: str, objective: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[str, str]:
+    """-> (the precision the loop trains in, why). "auto" picks BF16 where the device has BF16 units
+    and the student's BF16 forward on ``batch`` is finite and close to its FP32 forward, FP32 otherwise."""
+    if requested != "auto":
+        return resolve_precision(requested, device), "asked for by distill.train_precision"
+    if resolve_precision("auto", device) == "fp32":
+        return "fp32", f"auto: {device.type} has no native BF16 units (BF16 would be emulated, slower than FP32)"
+    with torch.no_grad():
+        want = objective.prediction(**batch).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            got = objective.prediction(**batch).float()
+    if not bool(torch.isfinite(got).all()):
+        bad = int((~torch.isfinite(got)).sum())
+        return "fp32", f"auto: the student's BF16 forward gave {bad} non-finite values on the first batch (FP32: " \
+                       f"{'finite' if bool(torch.isfinite(want).all()) else 'non-finite too'}); falling back to FP32"
+    err = float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-12))
+    if err > BF16_CHECK_TOLERANCE:
+        return "fp32", f"auto: the student's BF16 forward is {err:.1%} from FP32 on the first batch (limit " \
+                       f"{BF16_CHECK_TOLERANCE:.0%}); falling back to FP32"
+    return "bf16", f"auto: {device.type} has native BF16 units and the student's BF16 forward is {err:.2%} from FP32 on the first batch"
 
 
 def model_inputs(policy: Policy, samples) -> dict[str, torch.Tensor]:
@@ -318,9 +347,12 @@ class _MatchObjective(nn.Module):
         self.register_buffer("inv_std", 1.0 / action_std.detach().clone(), persistent=False)
         self.capture = _CaptureFeatures(module, feature_tap(student)) if feature_loss_weight > 0 else None
 
+    def prediction(self, target=None, features=None, feature_mask=None, **inputs) -> torch.Tensor:
+        """The student's chunk for a batch (what the loss compares with the teacher's)."""
+        return call(self.student, self.spec, inputs, inputs[noise_input(self.spec)])
+
     def forward(self, target, features=None, feature_mask=None, **inputs) -> torch.Tensor:
-        name = noise_input(self.spec)
-        actions = call(self.student, self.spec, inputs, inputs[name])
+        actions = self.prediction(**inputs)
         loss = (((actions - target) * self.inv_std) ** 2).mean()
         if self.capture is not None:
             # Per-sample mean over real (non-padding) tokens, so a split batch averages the same way.
@@ -359,7 +391,15 @@ class _FlowObjective(nn.Module):
         self.chunk, self.width = student.spec.chunk_size, student.spec.noise_shape[-1]
         self.action_dim = student.spec.action_dim
 
+    def prediction(self, target, flow_u, **inputs) -> torch.Tensor:
+        """The student's velocity for a batch (what the loss compares with the target velocity)."""
+        return self._velocity(target, flow_u, **inputs)[0]
+
     def forward(self, target, flow_u, **inputs) -> torch.Tensor:
+        v, a, noise = self._velocity(target, flow_u, **inputs)
+        return ((v - (a - noise) / self.span)[..., : self.action_dim] ** 2).mean()
+
+    def _velocity(self, target, flow_u, **inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from vlacompile.families.base import apply_ops, invert_ops
 
         plan = self._plan
@@ -374,8 +414,7 @@ class _FlowObjective(nn.Module):
         u = flow_u.reshape(-1, *([1] * (noise.dim() - 1)))
         values[plan.integrator["x"]] = noise + u * (a - noise)
         values[plan.integrator["t"]] = self.t0 + flow_u * self.span
-        v = plan.system1(*[values[n] for n in plan.system1_inputs])
-        return ((v - (a - noise) / self.span)[..., : self.action_dim] ** 2).mean()
+        return plan.system1(*[values[n] for n in plan.system1_inputs]), a, noise
 
 
 def action_index(student_spec, teacher_spec) -> list[int]:
@@ -551,6 +590,18 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         action_std = get_family(teacher.family).action_scale(teacher)
         objective = _MatchObjective(student, copy.deepcopy(student.module), action_std, settings.feature_loss_weight)
     objective.train()
+    same_inputs = student.spec.inputs == teacher.spec.inputs
+    dataset = _PairDataset(targets, noise_input(student.spec), inputs=None if same_inputs else model_inputs(student, samples),
+                           flow=(tuple(student.spec.noise_shape), ctx.seed) if flow else None)
+    sampler = _EpochSampler(targets.num_pairs, settings.steps * settings.batch_size, ctx.seed, with_position=flow)
+    # The same first batch on every process (the sampler is seeded), so all of them decide alike.
+    first = dataset.__getitems__(list(itertools.islice(iter(sampler), settings.batch_size)))
+    objective.to(accelerator.device)
+    precision, why = choose_precision(settings.precision, objective, {k: v.to(accelerator.device) for k, v in first.items()},
+                                      accelerator.device)
+    if main:
+        how = "BF16 autocast (FP32 weights and optimizer)" if precision == "bf16" else "FP32"
+        ctx.log(f"{name}: training in {how}; {why}")
     fsdp = settings.parallel == "fsdp" and procs > 1
     if fsdp:
         # FSDP2 by hand (Accelerate's FSDP needs GPUs): shard before the optimizer sees the parameters.
@@ -564,13 +615,10 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, settings.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    same_inputs = student.spec.inputs == teacher.spec.inputs
-    dataset = _PairDataset(targets, noise_input(student.spec), inputs=None if same_inputs else model_inputs(student, samples),
-                           flow=(tuple(student.spec.noise_shape), ctx.seed) if flow else None)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=settings.batch_size,
-        sampler=_EpochSampler(targets.num_pairs, settings.steps * settings.batch_size, ctx.seed, with_position=flow),
+        sampler=sampler,
         drop_last=True,
         collate_fn=_batch_as_is,
     )
@@ -584,9 +632,7 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
     # Mixed precision as on GPUs: the forward's matrix products in BF16 (2.3x an FP32 one on
     # AVX512-BF16), with FP32 weights, gradients, optimizer and loss; autocast keeps the norms,
     # softmax and reductions in FP32.
-    autocast = settings.precision == "bf16"
-    if main and autocast:
-        ctx.log(f"{name}: training the student with BF16 autocast (FP32 weights and optimizer)")
+    autocast = precision == "bf16"
     curve: list[list[float]] = []
     window, count = torch.zeros((), device=accelerator.device), 0
     t1 = time.perf_counter()
@@ -597,10 +643,12 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
             loss = loss.float()
             if not bool(torch.isfinite(loss.detach())):  # training on NaN would run to the end and fail at export
                 raise TrainingError(
-                    f"{name}: the loss is {float(loss.detach())} at step {step + 1} of {settings.steps} (lr {settings.lr:g})",
+                    f"{name}: the loss is {float(loss.detach())} at step {step + 1} of {settings.steps} "
+                    f"(lr {settings.lr:g}, {'BF16 autocast' if autocast else 'FP32'}: {why})",
                     source=data,
-                    hint="lower the stage's lr, or check the episodes for corrupt values (huge or wrong-unit states "
-                         "and actions); nothing was written",
+                    hint=("train in FP32 (train_precision = \"fp32\") to tell a BF16 overflow from the rest; then "
+                          if autocast else "") + "lower the stage's lr, or check the episodes for corrupt values (huge or "
+                         "wrong-unit states and actions); nothing was written",
                 )
             if fsdp:
                 loss.backward()  # FSDP2 reduce-scatters the gradients (mean over processes)
@@ -648,6 +696,7 @@ def train_to_match(student: Policy, teacher: Policy, samples, settings: MatchSet
         "targets_reused": reused,
         "processes": procs,
         "parallel": "fsdp" if fsdp else ("ddp" if procs > 1 else "none"),
-        "precision": settings.precision,
+        "precision": precision,
+        "precision_reason": why,
         "local_parameters": held,  # what this process held while training (1/N of them under FSDP)
     }

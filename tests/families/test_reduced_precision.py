@@ -131,3 +131,108 @@ def test_exported_graphs_with_fp16_constants_are_finite_and_close(teacher, tmp_p
     for name, got in (("student.onnx", single), ("system2 + system1", split)):
         assert np.isfinite(got).all(), f"{name} with FP16 constants: non-finite actions"
         assert relative_error(got, want) < GRAPH_TOLERANCE, name
+
+
+# --- distillation: "auto" checks BF16 against FP32 before it trains in it --------------------------
+
+LEROBOT_POLICIES = {  # lerobot-saved policies with the episodes lerobot wrote for them
+    "smolvla": (SMOLVLA / "one_cam_cross_every2", "vlm"),
+    "pi0": (PI0 / "pi0_two_cams", "tokenizer"),
+    "pi05": (PI0 / "pi05_two_cams", "tokenizer"),
+}
+
+
+def _policy_dir(tmp_path: Path, which: str) -> Path:
+    """The fixture's policy; SmolVLA's with lerobot's default tokenizer length (48) instead of the
+    fixture's 12, which its episodes' task fills: prompts padded as most checkpoints pad them."""
+    import shutil
+
+    fx, _ = LEROBOT_POLICIES[which]
+    if which != "smolvla":
+        return fx / "policy"
+    out = tmp_path / "policy"
+    if out.exists():
+        return out
+    shutil.copytree(fx / "policy", out)
+    for name, a, b in (("policy_preprocessor.json", '"max_length": 12', '"max_length": 48'),
+                       ("config.json", '"tokenizer_max_length": 12', '"tokenizer_max_length": 48')):
+        text = (out / name).read_text()
+        assert a in text, (name, a)
+        (out / name).write_text(text.replace(a, b))
+    return out
+
+
+def _shipped_recipe_shortened(tmp_path: Path) -> Path:
+    """recipes/x86-cpu.toml as shipped (train_precision "auto", its layers, flow steps and lr), with
+    fewer steps and samples for a test."""
+    from vlacompile.resources import RECIPES_DIR
+
+    text = (RECIPES_DIR / "x86-cpu.toml").read_text()
+    for a, b in {"steps = 2000": "steps = 6", "batch_size = 64": "batch_size = 8", "num_samples = 4096": "num_samples = 16"}.items():
+        assert a in text, a
+        text = text.replace(a, b)
+    assert 'train_precision = "auto"' in text
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def _build(tmp_path: Path, which: str, recipe: Path, *extra: str):
+    from click.testing import CliRunner
+
+    from vlacompile.cli import main
+    from vlacompile.resources import TARGETS_DIR
+
+    fx, tok = LEROBOT_POLICIES[which]
+    # the fixtures' chunks are shorter than x86-cpu's 8 executed actions
+    target = tmp_path / "x86-cpu.toml"
+    target.write_text((TARGETS_DIR / "x86-cpu.toml").read_text().replace("actions_per_chunk = 8", "actions_per_chunk = 4"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", "--quiet", "--calls", "20", "--no-closed-loop", "--no-cache", "--target", str(target),
+                                       "--checkpoint", str(_policy_dir(tmp_path, which)), "--tokenizer", str(fx / tok), "--episodes", str(fx / "episodes"),
+                                       "--recipe", str(recipe), "--out", str(out), *extra])
+    assert "Traceback" not in result.output, result.output
+    return result, out
+
+
+def _distill_record(out: Path) -> dict:
+    import json
+
+    return next(r for r in json.loads((out / "report.json").read_text())["stages"] if r["stage"] == "distill")
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """A CPU with BF16 units, wherever the test runs (this one's flags are not the point)."""
+    from vlacompile import training
+
+    monkeypatch.setattr(training, "native_bf16", lambda device=None: True)
+
+
+@pytest.mark.parametrize("which", sorted(LEROBOT_POLICIES))
+def test_lerobot_policies_distil_in_bf16_with_the_shipped_recipe(bf16_cpu, tmp_path, which):
+    result, out = _build(tmp_path, which, _shipped_recipe_shortened(tmp_path))
+    assert result.exit_code in (0, 1), result.output
+    record = _distill_record(out)
+    assert record["precision"] == "bf16", record
+    assert "native BF16 units" in record["precision_reason"] and "from FP32 on the first batch" in record["precision_reason"]
+
+
+@pytest.mark.parametrize("which", ["pi0", "smolvla"])  # pi0.5's fixture gives a 1-layer student, which reads no padded query
+def test_auto_falls_back_to_fp32_where_bf16_is_not_finite(bf16_cpu, monkeypatch, tmp_path, which):
+    """With the mask value the project had (float32's lowest: -inf in BF16), "auto" sees the NaN on
+    the first batch, trains in FP32 and says why; an explicit "bf16" fails naming the precision."""
+    from vlacompile.families import blocks
+
+    monkeypatch.setattr(blocks, "MASKED_SCORE", float(torch.finfo(torch.float32).min))
+    recipe = _shipped_recipe_shortened(tmp_path)
+    result, out = _build(tmp_path, which, recipe)
+    assert result.exit_code in (0, 1), result.output
+    record = _distill_record(out)
+    assert record["precision"] == "fp32" and "non-finite" in record["precision_reason"], record
+    assert "falling back to FP32" in result.output or "falling back to FP32" in record["precision_reason"]
+
+    recipe.write_text(recipe.read_text().replace('train_precision = "auto"', 'train_precision = "bf16"'))
+    result, _ = _build(tmp_path, which, recipe)
+    assert result.exit_code == 2, result.output
+    assert "BF16 autocast" in result.output and 'train_precision = "fp32"' in result.output, result.output

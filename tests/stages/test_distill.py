@@ -277,7 +277,7 @@ def test_a_non_finite_loss_stops_training_naming_the_data(teacher, episodes):
     on NaN to the end (and failing at export with a misleading hint)."""
     from vlacompile.errors import TrainingError
 
-    with pytest.raises(TrainingError, match=r"distill: the loss is (nan|inf) at step \d+ of 50 \(lr 1e\+30\)") as e:
+    with pytest.raises(TrainingError, match=r"distill: the loss is (nan|inf) at step \d+ of 50 \(lr 1e\+30, FP32: ") as e:
         distill.run(Artifact(policy=teacher), replace(SMALL, steps=50, lr=1e30, num_samples=64), make_ctx(teacher, episodes))
     assert "lower the stage's lr" in e.value.hint
 

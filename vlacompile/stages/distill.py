@@ -264,7 +264,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
             feature_loss_weight=params.feature_loss_weight,
             objective=objective,
             parallel=params.parallel,
-            precision=resolve_precision(params.train_precision),
+            precision=params.train_precision,  # "auto" is settled in the loop, on the first batch
         )
         metrics = train_to_match(student, teacher, samples, settings, ctx, name="distill")
         metrics["num_samples"] = len(samples)
@@ -276,7 +276,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
         "final_loss": metrics.get("final_loss"),
         "loss_curve": metrics.get("loss_curve", []),
         **{k: metrics[k] for k in ("initial_loss", "target_seconds", "targets_reused", "train_seconds", "processes", "parallel", "local_parameters",
-                                   "num_samples", "precision") if k in metrics},
+                                   "num_samples", "precision", "precision_reason") if k in metrics},
         "objective": objective,
         "student_family": student.family,
         "student_params": student.num_parameters(),
