@@ -173,3 +173,32 @@ def test_trt_domain_ops_depend_on_the_version(tmp_path):
 def test_a_target_without_tensorrt_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="names no TensorRT version"):
         readiness_report(qdq_graph(tmp_path), load_target("x86-cpu"))
+
+
+def test_constants_beyond_fp16_and_bf16_fail_naming_them(tmp_path, thor, monkeypatch):
+    """A SmolVLA graph exported with the masked-attention fill lerobot uses (float32's lowest, -inf
+    in FP16 and BF16) is not ready for Thor, whose engines may run in either; the project's fill
+    (float16's lowest) is. A flag-built engine checks only its own precision."""
+    import torch
+
+    from vlacompile.checkpoint import load_policy
+    from vlacompile.families import blocks
+    from vlacompile.stages.export import export_policy
+
+    fx = Path(__file__).parents[1] / "families" / "smolvla" / "fixtures" / "one_cam_cross_every2"
+    policy = load_policy(fx / "policy", tokenizer=fx / "vlm")
+    export_policy(policy, tmp_path / "ok.onnx")
+    monkeypatch.setattr(blocks, "MASKED_SCORE", float(torch.finfo(torch.float32).min))
+    export_policy(policy, tmp_path / "bad.onnx")
+
+    report = readiness_report(tmp_path / "ok.onnx", thor)
+    assert report["ready"], report["problems"]
+    assert report["reduced_precisions"] == ["fp16", "bf16"]
+    report = readiness_report(tmp_path / "bad.onnx", thor)
+    (problem,) = [p for p in report["problems"] if p["check"] == "constants"]
+    assert not report["ready"] and problem["nodes"] and all("-3.403e+38" in n and "FP16" in n for n in problem["nodes"])
+    with pytest.raises(ReadinessError, match="float constants beyond the range of FP16/BF16"):
+        check_readiness(tmp_path / "bad.onnx", thor)
+    # x86-cpu-like devices and INT8 (strongly typed) engines keep float layers in FP32
+    assert check_readiness(tmp_path / "bad.onnx", "10.13", precisions=())["ready"]
+    assert not readiness_report(tmp_path / "bad.onnx", "10.13", precisions=("bf16",))["ready"]

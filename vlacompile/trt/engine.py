@@ -237,7 +237,8 @@ def build_artifact_engines(artifact_dir: str | Path, *, workspace_mb: int = 4096
     built = {}
     for name in graphs:
         onnx_path = artifact_dir / name
-        check_readiness(onnx_path, trt.__version__)
+        # Flag-built FP16/BF16 engines hold the graph's float constants in that precision.
+        check_readiness(onnx_path, trt.__version__, precisions=(precision,) if precision in ("fp16", "bf16") else ())
         plan = onnx_path.with_suffix(".plan")
         log(f"engine: {name} -> {plan.name} ({precision})")
         built[plan.name] = build_engine(onnx_path, plan, precision=precision, timing_cache=timing_cache, workspace_mb=workspace_mb)

@@ -12,7 +12,12 @@ before the artifact leaves the build machine:
         one quantised input and one float input cannot use an integer kernel (weight-only INT4
         blocks excepted); a QuantizeLinear is followed by a DequantizeLinear; zero points are zero
         (TensorRT's parser requires symmetric quantisation);
-* opset the default-domain opset lies in the range the target's TensorRT parser documents.
+* opset the default-domain opset lies in the range the target's TensorRT parser documents;
+* constants every float constant is finite in the reduced precisions an engine for the target may
+        run in (FP16, BF16): a value beyond their range (float32's lowest as a masked-attention
+        fill, say) becomes -inf there, and a fully masked softmax row then gives NaN (an FP16
+        pi0.5 engine on Thor measured cosine -0.55 against torch). Constants stored as external
+        data (large weights) are not read.
 """
 from __future__ import annotations
 
@@ -52,6 +57,8 @@ TRANSPARENT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Ident
 QUANTIZABLE = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 INT4_TYPES = {21, 22}  # TensorProto.UINT4, TensorProto.INT4
 MAX_NAMES = 8  # node names quoted per problem in the error message
+# The largest finite value of each reduced float precision a TensorRT engine runs layers in.
+REDUCED_MAX = {"fp16": 65504.0, "bf16": 3.3895313892515355e38}
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -201,6 +208,38 @@ def _check_qdq(graph) -> tuple[dict[str, list[str]], dict[str, int]]:
     return problems, stats
 
 
+def _rounds_to_inf(a, precision: str):
+    """Which float values become +-inf (or are not finite) once rounded to ``precision``."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float32)
+    if precision == "fp16":
+        with np.errstate(over="ignore"):
+            return ~np.isfinite(a.astype(np.float16))
+    # bf16: float32's top 16 bits, rounded to nearest even
+    u = a.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return (r & 0x7F80) == 0x7F80
+
+
+def _check_constants(graph, precisions) -> list[str]:
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    bad = []
+    for name, t in const_tensors(graph).items():
+        if t.data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16) or t.data_location == TensorProto.EXTERNAL:
+            continue
+        a = numpy_helper.to_array(t)
+        for precision in precisions:
+            over = _rounds_to_inf(a, precision)
+            if over.any():
+                worst = a.reshape(-1)[over.reshape(-1)][0]
+                bad.append(f"{name} ({int(over.sum())} value(s) such as {float(worst):.4g} overflow {precision.upper()})")
+                break
+    return bad
+
+
 QDQ_MESSAGES = {
     "not_feeding_matmul": "Q/DQ pairs that feed no MatMul/Gemm/Conv (TensorRT runs their consumer in floating "
     "point: the pair only adds a float round trip and blocks fusion)",
@@ -210,9 +249,19 @@ QDQ_MESSAGES = {
 }
 
 
-def readiness_report(onnx_path: str | Path, target) -> dict[str, Any]:
+def reduced_precisions(target) -> tuple[str, ...]:
+    """The reduced float precisions an engine for ``target`` may run layers in (both for a bare
+    TensorRT version, whose device is unknown)."""
+    if isinstance(target, str):
+        return tuple(REDUCED_MAX)
+    return tuple(p for p in REDUCED_MAX if p in target.device.precisions)
+
+
+def readiness_report(onnx_path: str | Path, target, precisions: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run every check; never raises for a graph problem. ``target``: a ``TargetProfile`` (its
-    ``device.tensorrt`` version is used) or a TensorRT version string such as ``"10.13"``."""
+    ``device.tensorrt`` version is used) or a TensorRT version string such as ``"10.13"``.
+    ``precisions``: the reduced float precisions whose range the constants must fit (default: those
+    the target supports, see ``reduced_precisions``)."""
     import onnx
 
     onnx_path = Path(onnx_path)
@@ -232,6 +281,8 @@ def readiness_report(onnx_path: str | Path, target) -> dict[str, Any]:
     shapes = _check_shapes(graph)
     qdq, stats = _check_qdq(graph)
     opset_bad = [] if opset is not None and lo <= opset <= hi else [f"opset {opset}"]
+    precisions = reduced_precisions(target) if precisions is None else tuple(precisions)
+    constants = _check_constants(graph, precisions)
 
     problems = []
     if ops:
@@ -241,6 +292,9 @@ def readiness_report(onnx_path: str | Path, target) -> dict[str, Any]:
     for kind, nodes in qdq.items():
         if nodes:
             problems.append({"check": "qdq", "kind": kind, "message": QDQ_MESSAGES[kind], "nodes": nodes})
+    if constants:
+        problems.append({"check": "constants", "message": f"float constants beyond the range of {'/'.join(p.upper() for p in precisions)} "
+                         "(an engine in that precision holds them as +-inf: a fully masked softmax row becomes NaN)", "nodes": constants})
     if opset_bad:
         problems.append({"check": "opset", "message": f"default-domain opset {opset} outside {lo}..{hi}, the range TensorRT {text} documents", "nodes": []})
     return {
@@ -249,15 +303,16 @@ def readiness_report(onnx_path: str | Path, target) -> dict[str, Any]:
         "opset": opset,
         "opset_range": [lo, hi],
         "nodes": len(graph.node),
+        "reduced_precisions": list(precisions),
         "ready": not problems,
         "qdq": stats,
         "problems": problems,
     }
 
 
-def check_readiness(onnx_path: str | Path, target) -> dict[str, Any]:
+def check_readiness(onnx_path: str | Path, target, precisions: tuple[str, ...] | None = None) -> dict[str, Any]:
     """``readiness_report`` that raises ``ReadinessError`` naming the offending nodes when any check fails."""
-    report = readiness_report(onnx_path, target)
+    report = readiness_report(onnx_path, target, precisions)
     if report["ready"]:
         return report
     lines = []
@@ -269,5 +324,6 @@ def check_readiness(onnx_path: str | Path, target) -> dict[str, Any]:
         f"not ready for TensorRT {report['tensorrt']}: " + " | ".join(lines),
         source=onnx_path,
         hint="re-export with static shapes and a supported opset (export stage), keep unsupported layers out of "
-        "quantisation (quantize.exclude), or use a recipe written for this target",
+        "quantisation (quantize.exclude), replace out-of-range constants with ones the reduced precision holds, "
+        "or use a recipe written for this target",
     )
