@@ -47,7 +47,7 @@ def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
 @pytest.fixture(scope="module", params=CONFIGS)
 def fixture(request):
     root = FIXTURES / request.param
-    return request.param, load_policy(root / "policy", tokenizer=root / "vlm")
+    return request.param, load_policy(root / "policy", tokenizer=root / "vlm", lerobot_version="0.4")  # made by lerobot 0.4.4
 
 
 def test_the_fixtures_were_made_by_lerobot():
