@@ -29,7 +29,7 @@ from vlacompile.errors import (
     EpisodeError,
     OutputError,
 )
-from vlacompile.artifact import REPORT_FILES, STUDENT_DIR, STUDENT_SPEC_JSON
+from vlacompile.artifact import REPORT_FILES, STUDENT_DIR, STUDENT_SPEC_JSON, read_student_spec, student_spec_dict
 from vlacompile.resources import DEMO_EPISODES, DEMO_TEACHER
 
 SCHEMA_VERSION = "1.0"
@@ -519,10 +519,12 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         raise _Stopped(stop_after, keys[stop], canonical[stop])
 
     student = artifact.policy
+    save_notes: list[str] = []
     if not artifact.quantized_torch:
         save_policy(student, tmp / STUDENT_DIR)
+        save_notes = _student_save_notes(student, log)
     # What the compiled graphs read and write, for verify on the device and for runtimes.
-    (tmp / STUDENT_SPEC_JSON).write_text(json.dumps(student.spec.to_dict(), indent=2, sort_keys=True) + "\n")
+    (tmp / STUDENT_SPEC_JSON).write_text(json.dumps(student_spec_dict(student.spec, tmp), indent=2, sort_keys=True) + "\n")
     (tmp / "target.json").write_text(json.dumps(tgt.to_dict(), indent=2, sort_keys=True) + "\n")
     (tmp / "recipe.json").write_text(json.dumps(rcp.to_dict(), indent=2, sort_keys=True) + "\n")
 
@@ -620,8 +622,22 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
             "keys": [{"stage": s.name, "key": k, "reused": i < start} for i, (s, k) in enumerate(zip(rcp.stages, keys))],
         },
         "tool_versions": manifest["tool_versions"],
-        "notes": notes + result.get("notes", []),
+        "notes": notes + save_notes + result.get("notes", []),
     }
+
+
+def _student_save_notes(student, log) -> list[str]:
+    """What the student's checkpoint cannot say in its family's own (e.g. lerobot's) files: logged
+    as warnings and put in the report's notes."""
+    from vlacompile.families import get_family
+
+    gaps = getattr(get_family(student.family), "lerobot_gaps", None)
+    notes = []
+    for gap in (gaps(student) if gaps is not None else []):
+        notes.append(f"student/: lerobot cannot load this student as it is: {gap} (vlacompile loads it; vlacompile.json has "
+                     "the per-layer sizes)")
+        log(f"warning: {notes[-1]}")
+    return notes
 
 
 def _format_info(policy) -> dict[str, Any]:
@@ -778,7 +794,7 @@ def verify_artifact(
     if spec_path.is_file():
         from vlacompile.policy import PolicySpec
 
-        spec = PolicySpec.from_dict(json.loads(spec_path.read_text()))
+        spec = PolicySpec.from_dict(read_student_spec(spec_path))
     else:  # artifacts built before student_spec.json: the teacher's spec with the student's flow steps
         spec = dataclasses.replace(teacher.spec, flow_steps=report["student"]["flow_steps"], head=None)
     student_dir = out / STUDENT_DIR

@@ -100,6 +100,20 @@ def test_smolvla_builds_for_x86_cpu_and_the_report_names_the_family(cpu_build):
     assert "named (--lerobot-version 0.4)" in report["teacher"]["lerobot_semantics"]
     assert report["student"]["config"]["patch_positions"] == "transformers4"
     assert json.loads((out / "manifest.json").read_text())["inputs"]["lerobot_version"] == "0.4"
+    # mlp_ratio 0.5 narrows the expert's MLP, which lerobot cannot express: the log and the report say so.
+    gap = [n for n in report["notes"] if "lerobot cannot load this student" in n]
+    assert gap and "expert's MLP widths" in gap[0] and "warning: student/: lerobot cannot load" in result.output
+    # student_spec.json names the tokenizer the artifact carries, relative to the artifact.
+    assert json.loads((out / "student_spec.json").read_text())["processor"]["tokenizer_dir"] == "student/vlm"
+    from vlacompile.artifact import read_student_spec
+    from vlacompile.families import make_preprocessor
+    from vlacompile.policy import PolicySpec
+
+    copied = tmp / "copied"
+    shutil.copytree(out, copied)
+    spec = PolicySpec.from_dict(read_student_spec(copied / "student_spec.json"))
+    assert spec.processor_settings["tokenizer_dir"] == str(copied / "student" / "vlm")
+    assert make_preprocessor(spec).tokens("push")[1].any()
     # The student is a self-contained lerobot-layout directory: it loads without --tokenizer and is
     # the network student.onnx computes.
     student = load_policy(out / "student")

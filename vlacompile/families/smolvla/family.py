@@ -3,6 +3,7 @@ lerobot's layer rules, prune groups, the System 2 (per-layer K/V) / System 1 spl
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from vlacompile.families.lerobot_layout import (camera_name, definition_digest, 
                                                 vision_prune_groups, write_policy_dir)
 from vlacompile.families.smolvla.configuration import FAMILY as NAME
 from vlacompile.families.smolvla.configuration import (LEROBOT_VERSIONS, PATCH_LABELS, PATCH_POSITIONS, Camera, SmolVLAConfig,
-                                                       parse_lerobot_version)
+                                                       get_intermediate_size, parse_lerobot_version)
 from vlacompile.families.smolvla.modeling import SmolVLA, _navit_position_ids
 from vlacompile.families.smolvla.processor import TOKENIZER_FILE, SmolVLAPreprocessor, TextTokenizer, resolve_vlm_dir
 from vlacompile.lerobot.policy_dir import PREPROCESSOR, POSTPROCESSOR, Normalisers, PolicyDir, read_policy_dir
@@ -83,15 +84,17 @@ class SmolVLAFamily(Family):
         sidecar = read_json(ckpt / SIDECAR) if (ckpt / SIDECAR).is_file() else None
         config, stats, notes = _resolve_config(pd, vlm_dir, state, sidecar, allow_unnormalized, files[0], lerobot_version)
         module = SmolVLA(config)
-        remapped = {}
+        remapped, unused = {}, {}
         for k, v in state.items():
             mk = to_module_key(str(k))
-            unused = mk is None and str(k).startswith(UNUSED)
-            if not unused and (mk is None or mk.startswith("vlm_with_expert.")):
+            if mk is None and str(k).startswith(UNUSED):
+                unused[str(k)] = v  # kept as stored, so a saved student has every tensor lerobot stores
+                continue
+            if mk is None or mk.startswith("vlm_with_expert."):
                 raise CheckpointError(f"tensor {k!r} is not one a SmolVLA policy has", source=files[0],
                                       hint="the weights are not lerobot SmolVLA weights, or come from an incompatible version")
-            if mk is not None:
-                remapped[mk] = v
+            remapped[mk] = v
+        config.source["unused_tensors"] = unused
         remapped.update(stats)
         check_and_load_state(module, remapped, files[0])
         module.eval()
@@ -109,18 +112,52 @@ class SmolVLAFamily(Family):
 
     def save(self, policy: Policy, out: Path) -> Path:
         """lerobot's layout (config.json, model.safetensors, both processor pipelines and their
-        normaliser files), plus vlm/ (the tokenizer and VLM config) and vlacompile.json (per-layer
-        sizes lerobot's config cannot say, the lerobot semantics). Without narrowed layers lerobot reads it as it is."""
+        normaliser files), plus vlm/ (the tokenizer and the VLM config) and vlacompile.json (per-layer
+        sizes, the lerobot semantics). Every depth and width lerobot reads is written where it reads
+        it: ``num_vlm_layers`` / ``num_expert_layers`` in config.json, the vision and text depths and
+        MLP widths in vlm/config.json, which config.json's ``vlm_model_name`` and the tokenizer step's
+        ``tokenizer_name`` name as ``vlm`` (lerobot resolves that against its working directory: load
+        from inside the directory, or point both at it). What lerobot cannot express (``lerobot_gaps``)
+        is in the sidecar and, in a build, in its log and report."""
         cfg: SmolVLAConfig = policy.config
         src = cfg.source
         config = dict(src["config"])
-        config.update(num_vlm_layers=cfg.num_vlm_layers, num_steps=cfg.num_steps,
+        config.update(num_vlm_layers=cfg.num_vlm_layers, num_steps=cfg.num_steps, vlm_model_name=VLM_DIR,
                       num_expert_layers=cfg.num_expert_layers if cfg.num_expert_layers != cfg.num_vlm_layers else -1)
+        side = Path(policy.spec.processor_settings["tokenizer_dir"])
+        vlm_config = student_vlm_config(read_json(side / "config.json", "SmolVLM2 backbone config (config.json)"), cfg)
         sidecar = {"format": 2, "vision_heads": list(cfg.vision_heads), "vision_mlp": list(cfg.vision_mlp),
                    "text_mlp": list(cfg.text_mlp), "expert_mlp": list(cfg.expert_mlp), "expert_kv_in": list(cfg.expert_kv_in),
                    "derived_from": policy.meta.get("derived_from"), "patch_positions": cfg.patch_positions,
-                   "lerobot_version": policy.meta.get("lerobot_version")}
-        return write_policy_dir(policy, out, config, to_lerobot_key, VLM_DIR, (".json", ".txt", ".model", ".jinja"), (SIDECAR, sidecar))
+                   "lerobot_version": policy.meta.get("lerobot_version"), "lerobot_gaps": self.lerobot_gaps(policy)}
+        return write_policy_dir(policy, out, config, to_lerobot_key, VLM_DIR, (".json", ".txt", ".model", ".jinja"), (SIDECAR, sidecar),
+                                extra_tensors=src.get("unused_tensors") or {}, side_files={"config.json": vlm_config},
+                                tokenizer_name=VLM_DIR)
+
+    def lerobot_gaps(self, policy: Policy) -> list[str]:
+        """What lerobot's files cannot say about this policy: lerobot builds one MLP width per part
+        (vision: ``intermediate_size``; text: ``intermediate_size``; expert: a function of its hidden
+        width) and one vision head count, so a policy whose layers differ from that does not load in
+        lerobot (its weights do not fit the modules lerobot builds). Empty when lerobot loads it."""
+        cfg: SmolVLAConfig = policy.config
+        vlm = read_json(Path(policy.spec.processor_settings["tokenizer_dir"]) / "config.json", "SmolVLM2 backbone config (config.json)")
+        vision = vlm.get("vision_config") or {}
+        gaps = []
+        if len(set(cfg.vision_mlp)) > 1:
+            gaps.append(f"the vision layers' MLP widths differ per layer ({list(cfg.vision_mlp)}); lerobot builds one "
+                        "(vision_config.intermediate_size)")
+        if len(set(cfg.text_mlp)) > 1:
+            gaps.append(f"the VLM text layers' MLP widths differ per layer ({list(cfg.text_mlp)}); lerobot builds one "
+                        "(text_config.intermediate_size)")
+        want = get_intermediate_size(cfg.expert_hidden)
+        if any(m != want for m in cfg.expert_mlp):
+            gaps.append(f"the expert's MLP widths are {list(cfg.expert_mlp)}; lerobot builds {want} for a {cfg.expert_hidden}-wide "
+                        "expert (get_intermediate_size), whatever the config says")
+        heads = int(vision.get("num_attention_heads", 0) or 0)
+        if any(h != heads for h in cfg.vision_heads):
+            gaps.append(f"the vision layers keep {list(cfg.vision_heads)} attention heads; lerobot builds {heads} per layer "
+                        "(vision_config.num_attention_heads sets the head width too)")
+        return gaps
 
     def build(self, config: SmolVLAConfig) -> SmolVLA:
         return SmolVLA(config)
@@ -592,6 +629,20 @@ def _lerobot_semantics(pd: PolicyDir, sidecar, named: str | None, grid: tuple[in
             "--lerobot-version 0.6; load_policy(..., lerobot_version=...) in Python)")
     summary = f"{PATCH_LABELS[pp]} patch positions ({PATCH_POSITIONS[pp]}), {how}" if not same else f"patch positions {how}"
     return {"patch_positions": pp, "lerobot_version": line, "summary": summary, "notes": notes}
+
+
+def student_vlm_config(vlm: dict[str, Any], cfg: SmolVLAConfig) -> dict[str, Any]:
+    """The VLM config.json lerobot builds ``cfg`` from: the source's, with the policy's vision and text
+    depths and, where a part has one MLP width, that width (``lerobot_gaps`` names what else differs)."""
+    out = json.loads(json.dumps(vlm))
+    vision, text = out.setdefault("vision_config", {}), out.setdefault("text_config", {})
+    vision["num_hidden_layers"] = cfg.vision_layers
+    text["num_hidden_layers"] = cfg.num_vlm_layers
+    if len(set(cfg.vision_mlp)) == 1:
+        vision["intermediate_size"] = cfg.vision_mlp[0]
+    if len(set(cfg.text_mlp)) == 1:
+        text["intermediate_size"] = cfg.text_mlp[0]
+    return out
 
 
 FAMILY = SmolVLAFamily()  # what the registry (vlacompile.families) reads
