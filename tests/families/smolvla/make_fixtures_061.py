@@ -35,7 +35,6 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
