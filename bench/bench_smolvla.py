@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
+LEROBOT = "0.4"  # make_full_smolvla.py runs lerobot 0.4.4 (the side environment's venv): its semantics
 
 
 def build(assets: Path, target: str, recipe: str, out: str, calls: int) -> tuple[dict, float]:
     import vlacompile
 
     t0 = time.perf_counter()
-    result = vlacompile.build(target, checkpoint=assets / "policy", tokenizer=assets / "vlm", episodes=assets / "episodes",
+    result = vlacompile.build(target, checkpoint=assets / "policy", tokenizer=assets / "vlm", lerobot_version=LEROBOT,
+                              episodes=assets / "episodes",
                               recipe=ROOT / "recipes" / recipe, out=assets / out, calls=calls, cache_dir=assets / "cache")
     return result.report, time.perf_counter() - t0
 
@@ -47,7 +49,7 @@ def interleaved(assets: Path, out: str, calls: int) -> dict:
     from vlacompile.verify import held_out_inputs
     from vlacompile.verify.latency import measure_interleaved
 
-    teacher = load_policy(assets / "policy", tokenizer=assets / "vlm")
+    teacher = load_policy(assets / "policy", tokenizer=assets / "vlm", lerobot_version=LEROBOT)
     student = load_policy(assets / out / "student")
     _, _, held = split_episodes(read_episodes(assets / "episodes"), seed=0)
     data = held_out_inputs(held, teacher.spec, max_samples=8, seed=0)
@@ -67,7 +69,7 @@ def parity(assets: Path) -> dict:
     from vlacompile.checkpoint import load_policy
 
     case = load_file(str(assets / "parity.safetensors"))
-    teacher = load_policy(assets / "policy", tokenizer=assets / "vlm")
+    teacher = load_policy(assets / "policy", tokenizer=assets / "vlm", lerobot_version=LEROBOT)
     got = teacher.predict_chunk({"observation.images.top": case["image.top"], "observation.state": case["state"],
                                  "task": "pick up the red cube"}, noise=case["noise"])
     return {"max_abs_diff": float(np.abs(got - case["actions"]).max()), "max_abs_action": float(np.abs(case["actions"]).max())}

@@ -86,3 +86,30 @@ def read_split_manifest(directory: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"split.json lacks {missing}", source=path, hint="re-export the artifact")
     return meta
+
+
+def student_spec_dict(spec, out_dir: Path) -> dict[str, Any]:
+    """The student's PolicySpec as ``student_spec.json`` holds it: a tokenizer directory that the
+    artifact carries (``student/<dir>/``, copied there with the student) is named relative to the
+    artifact, so a copied artifact still finds it."""
+    d = spec.to_dict()
+    tok = (d.get("processor") or {}).get("tokenizer_dir")
+    student = Path(out_dir) / STUDENT_DIR
+    if tok and student.is_dir():
+        src = Path(tok) / "tokenizer.json"
+        for sub in sorted(p for p in student.iterdir() if p.is_dir()):
+            copy = sub / "tokenizer.json"
+            if src.is_file() and copy.is_file() and copy.read_bytes() == src.read_bytes():
+                d["processor"] = {**d["processor"], "tokenizer_dir": f"{STUDENT_DIR}/{sub.name}"}
+                break
+    return d
+
+
+def read_student_spec(path: Path) -> dict[str, Any]:
+    """``student_spec.json`` with a relative tokenizer directory resolved against the artifact."""
+    d = json.loads(Path(path).read_text())
+    tok = (d.get("processor") or {}).get("tokenizer_dir")
+    if tok and not Path(tok).is_absolute():
+        d["processor"] = {**d["processor"], "tokenizer_dir": str(Path(path).parent / tok)}
+    return d
+

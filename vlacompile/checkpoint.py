@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vlacompile.errors import CheckpointError
+from vlacompile.errors import CheckpointError, ConfigError
 from vlacompile.policy import Policy
 
 CONFIG_NAME = "config.json"
@@ -174,13 +174,16 @@ def check_and_load_state(module: torch.nn.Module, state: dict, source: Path, *, 
 
 
 def load_policy(checkpoint: str | Path, *, allow_pickle: bool = False, tokenizer: str | Path | None = None,
-                allow_unnormalized: bool = False) -> Policy:
+                allow_unnormalized: bool = False, lerobot_version: str | None = None) -> Policy:
     """Load a checkpoint directory of any registered family into a ``Policy`` (eval mode, FP32 compute).
 
     ``tokenizer``: a local tokenizer directory for families whose checkpoints do not carry one
     (SmolVLA: the SmolVLM2 backbone directory); None looks in the Hugging Face cache, never the network.
     ``allow_unnormalized``: accept a LeRobot checkpoint whose normaliser stats miss some of its
-    features (LeRobot then passes them through unnormalised)."""
+    features (LeRobot then passes them through unnormalised). ``lerobot_version``: for LeRobot
+    SmolVLA checkpoints, the lerobot release the policy is run with ("0.4", "0.6.1", ...), whose
+    semantics it is compiled with; None detects it where the checkpoint says, and refuses where it
+    does not and it matters."""
     from vlacompile.families import detect
 
     ckpt = Path(checkpoint)
@@ -189,8 +192,14 @@ def load_policy(checkpoint: str | Path, *, allow_pickle: bool = False, tokenizer
             "checkpoint directory not found", source=ckpt, hint="pass --checkpoint DIR with config.json and model.safetensors"
         )
     family = detect(read_config(ckpt), ckpt / CONFIG_NAME)
+    extra: dict = {}
+    if lerobot_version is not None:
+        if family.name != "smolvla":
+            raise ConfigError(f"--lerobot-version applies to LeRobot SmolVLA checkpoints; this one is a {family.label} checkpoint",
+                              source=ckpt / CONFIG_NAME, hint="leave --lerobot-version out for it")
+        extra["lerobot_version"] = str(lerobot_version)
     return family.load(ckpt, allow_pickle=allow_pickle, tokenizer=Path(tokenizer) if tokenizer is not None else None,
-                       allow_unnormalized=allow_unnormalized)
+                       allow_unnormalized=allow_unnormalized, **extra)
 
 
 def save_policy(policy: Policy, directory: str | Path) -> Path:

@@ -46,6 +46,7 @@ def main() -> None:
 @click.option("--checkpoint", "-c", type=click.Path(path_type=Path), help="Teacher checkpoint directory: vlacompile's own, or a policy saved by LeRobot (SmolVLA). Default: the shipped demo teacher.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="Local tokenizer directory for checkpoints that carry none (SmolVLA: the SmolVLM2 backbone directory). Default: the Hugging Face cache; never the network.")
 @click.option("--allow-unnormalized", is_flag=True, help="Build a LeRobot checkpoint whose normaliser stats miss some of its features (LeRobot passes those through unnormalised).")
+@click.option("--lerobot-version", help="SmolVLA: the lerobot release you run the policy with (0.4, 0.5, 0.6; e.g. 0.6.1), whose semantics the teacher follows. Default: what the checkpoint says (lerobot >= 0.6 writes pretrained_revision); where it says nothing and it matters, the build stops and asks.")
 @click.option("--episodes", "-e", type=click.Path(path_type=Path), help="LeRobotDataset v3 episodes directory (image or video mode, or its Hugging Face cache folder). Default: the shipped demo episodes.")
 @click.option("--camera-map", "camera_map", multiple=True, metavar="POLICY_CAM=DATASET_CAM",
               help="Feed a policy camera from a dataset camera of another name, e.g. wrist=observation.images.hand (repeatable).")
@@ -62,7 +63,7 @@ def main() -> None:
 @click.option("--no-closed-loop", is_flag=True, help="Skip the recipe's closed-loop evaluation in a simulator (the report then has none).")
 @click.option("--baseline", type=click.Path(path_type=Path), help="An earlier build (directory or report.json): fail (exit 1) when a gate metric is worse beyond noise.")
 @click.option("--junit", type=click.Path(path_type=Path), help="Also write the gates as JUnit XML to this file (one test case per gate).")
-def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, camera_map, state_names, action_names, recipe, out, seed, calls, allow_pickle, quiet, cache_dir,
+def build(target, checkpoint, tokenizer, allow_unnormalized, lerobot_version, episodes, camera_map, state_names, action_names, recipe, out, seed, calls, allow_pickle, quiet, cache_dir,
           no_cache, no_closed_loop, baseline, junit) -> None:
     """Distill, prune, quantise, export and verify a policy for TARGET; write build/<target>/."""
     from vlacompile.pipeline import build as run_build
@@ -74,6 +75,7 @@ def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, camera_ma
             checkpoint=checkpoint,
             tokenizer=tokenizer,
             allow_unnormalized=allow_unnormalized,
+            lerobot_version=lerobot_version,
             episodes=episodes,
             camera_map=_camera_map(camera_map),
             baseline=baseline,
@@ -101,13 +103,14 @@ def build(target, checkpoint, tokenizer, allow_unnormalized, episodes, camera_ma
 @click.option("--target", "-t", default="x86-cpu", show_default=True, help="Target profile (its default recipe, unless --recipe).")
 @click.option("--checkpoint", "-c", type=click.Path(path_type=Path), help="Teacher checkpoint directory (as for build).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="Local tokenizer directory (as for build).")
+@click.option("--lerobot-version", help="SmolVLA: the lerobot release that runs the policy (as for build).")
 @click.option("--episodes", "-e", type=click.Path(path_type=Path), help="LeRobotDataset v3 episodes directory (as for build).")
 @click.option("--recipe", "-r", help="Recipe name or TOML path.")
 @click.option("--seed", type=int, help="Override the recipe's seed.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle weights with torch.load(weights_only=True).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VLACOMPILE_CACHE", help="Stage cache directory (env VLACOMPILE_CACHE).")
-def distill(target, checkpoint, tokenizer, episodes, recipe, seed, allow_pickle, quiet, cache_dir) -> None:
+def distill(target, checkpoint, tokenizer, lerobot_version, episodes, recipe, seed, allow_pickle, quiet, cache_dir) -> None:
     """Run the recipe's stages up to distill into the stage cache, on one process or many.
 
     Under torchrun every process runs the same stages (the distillation shares its batches, and
@@ -122,7 +125,8 @@ def distill(target, checkpoint, tokenizer, episodes, recipe, seed, allow_pickle,
     from vlacompile.pipeline import build as run_build
 
     try:
-        result = run_build(target, checkpoint=checkpoint, tokenizer=tokenizer, episodes=episodes, recipe=recipe, seed=seed,
+        result = run_build(target, checkpoint=checkpoint, tokenizer=tokenizer, lerobot_version=lerobot_version, episodes=episodes,
+                           recipe=recipe, seed=seed,
                            allow_pickle=allow_pickle, progress=not quiet, cache_dir=cache_dir, stop_after="distill")
     except VlaCompileError as err:
         _fail(err)
@@ -142,15 +146,17 @@ def distill(target, checkpoint, tokenizer, episodes, recipe, seed, allow_pickle,
 @click.option("--checkpoint", "-c", type=click.Path(path_type=Path), help="The teacher (default: the one recorded in manifest.json; checked by hash).")
 @click.option("--episodes", "-e", type=click.Path(path_type=Path), help="The episodes (default: those recorded in report.json; checked by hash).")
 @click.option("--calls", type=click.IntRange(min=20), default=200, show_default=True, help="get_action calls per latency measurement.")
+@click.option("--lerobot-version", help="SmolVLA: the teacher's lerobot semantics (default: the build's, from manifest.json).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def verify(artifact, runtime, checkpoint, episodes, calls, quiet) -> None:
+def verify(artifact, runtime, checkpoint, episodes, calls, lerobot_version, quiet) -> None:
     """Verify a built ARTIFACT again with RUNTIME. On the target's device (its GPU architecture),
     measurements replace the latency estimate; the reports are rewritten in place."""
     from vlacompile.pipeline import verify_artifact
     from vlacompile.report import summarize
 
     try:
-        result = verify_artifact(artifact, runtime=runtime, checkpoint=checkpoint, episodes=episodes, calls=calls, progress=not quiet)
+        result = verify_artifact(artifact, runtime=runtime, checkpoint=checkpoint, episodes=episodes, calls=calls, progress=not quiet,
+                                 lerobot_version=lerobot_version)
     except VlaCompileError as err:
         _fail(err)
     click.echo(summarize(result.report))

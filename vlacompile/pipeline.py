@@ -29,7 +29,7 @@ from vlacompile.errors import (
     EpisodeError,
     OutputError,
 )
-from vlacompile.artifact import REPORT_FILES, STUDENT_DIR, STUDENT_SPEC_JSON
+from vlacompile.artifact import REPORT_FILES, STUDENT_DIR, STUDENT_SPEC_JSON, read_student_spec, student_spec_dict
 from vlacompile.resources import DEMO_EPISODES, DEMO_TEACHER
 
 SCHEMA_VERSION = "1.0"
@@ -197,6 +197,7 @@ def build(
     closed_loop: bool = True,
     tokenizer: str | Path | None = None,
     allow_unnormalized: bool = False,
+    lerobot_version: str | None = None,
     camera_map: dict[str, str] | None = None,
     state_names: list[str] | None = None,
     action_names: list[str] | None = None,
@@ -210,6 +211,8 @@ def build(
     ``tokenizer``: a local tokenizer directory for checkpoints that do not carry one (SmolVLA: the
     SmolVLM2 directory; default: the Hugging Face cache, never the network). ``allow_unnormalized``:
     build a LeRobot checkpoint whose normaliser stats miss some features (see ``load_policy``).
+    ``lerobot_version``: for LeRobot SmolVLA checkpoints, the lerobot release that runs the policy
+    ("0.4", "0.6.1", ...), whose semantics the teacher follows (see ``load_policy``).
     ``camera_map``: policy camera name -> the dataset camera that feeds it (``{"wrist": "observation.images.hand"}``).
     ``state_names`` / ``action_names``: the dataset's state / action dimensions the policy uses, by name, in its order.
     ``baseline``: an earlier build (its directory or report.json); a gate metric worse than it beyond
@@ -243,7 +246,8 @@ def build(
     from vlacompile.data import read_episodes, split_episodes
 
     ckpt = (Path(checkpoint) if checkpoint is not None else DEMO_TEACHER).absolute()
-    teacher = load_policy(ckpt, allow_pickle=allow_pickle, tokenizer=tokenizer, allow_unnormalized=allow_unnormalized)
+    teacher = load_policy(ckpt, allow_pickle=allow_pickle, tokenizer=tokenizer, allow_unnormalized=allow_unnormalized,
+                          lerobot_version=lerobot_version)
     if tgt.budget.actions_per_chunk > teacher.spec.chunk_size:
         raise ConfigError(
             f"budget.actions_per_chunk={tgt.budget.actions_per_chunk} exceeds the policy's chunk size {teacher.spec.chunk_size}: "
@@ -515,10 +519,12 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         raise _Stopped(stop_after, keys[stop], canonical[stop])
 
     student = artifact.policy
+    save_notes: list[str] = []
     if not artifact.quantized_torch:
         save_policy(student, tmp / STUDENT_DIR)
+        save_notes = _student_save_notes(student, log)
     # What the compiled graphs read and write, for verify on the device and for runtimes.
-    (tmp / STUDENT_SPEC_JSON).write_text(json.dumps(student.spec.to_dict(), indent=2, sort_keys=True) + "\n")
+    (tmp / STUDENT_SPEC_JSON).write_text(json.dumps(student_spec_dict(student.spec, tmp), indent=2, sort_keys=True) + "\n")
     (tmp / "target.json").write_text(json.dumps(tgt.to_dict(), indent=2, sort_keys=True) + "\n")
     (tmp / "recipe.json").write_text(json.dumps(rcp.to_dict(), indent=2, sort_keys=True) + "\n")
 
@@ -559,6 +565,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
             "teacher": teacher.meta.get("source"),
             **({"tokenizer": teacher.meta["tokenizer"]} if teacher.meta.get("tokenizer") else {}),
             **({"allow_unnormalized": True} if teacher.meta.get("allow_unnormalized") else {}),
+            **({"lerobot_version": teacher.meta["lerobot_version"]} if teacher.meta.get("lerobot_version") else {}),
             "episodes_sha256": inputs["episodes_sha256"],
         },
         "cache_keys": [{"stage": s.name, "key": k} for s, k in zip(rcp.stages, keys)],
@@ -605,6 +612,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
             "precision": artifact.precision,
             "onnx": artifact.onnx_path.name,
             "config": student.config.to_dict(),
+            **{k: v for k, v in _format_info(student).items() if k in ("format", "lerobot_version", "lerobot_semantics")},
         },
         **{k: v for k, v in result.items() if k not in ("status", "passed")},
         "stages": artifact.records,
@@ -614,8 +622,22 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
             "keys": [{"stage": s.name, "key": k, "reused": i < start} for i, (s, k) in enumerate(zip(rcp.stages, keys))],
         },
         "tool_versions": manifest["tool_versions"],
-        "notes": notes + result.get("notes", []),
+        "notes": notes + save_notes + result.get("notes", []),
     }
+
+
+def _student_save_notes(student, log) -> list[str]:
+    """What the student's checkpoint cannot say in its family's own (e.g. lerobot's) files: logged
+    as warnings and put in the report's notes."""
+    from vlacompile.families import get_family
+
+    gaps = getattr(get_family(student.family), "lerobot_gaps", None)
+    notes = []
+    for gap in (gaps(student) if gaps is not None else []):
+        notes.append(f"student/: lerobot cannot load this student as it is: {gap} (vlacompile loads it; vlacompile.json has "
+                     "the per-layer sizes)")
+        log(f"warning: {notes[-1]}")
+    return notes
 
 
 def _format_info(policy) -> dict[str, Any]:
@@ -721,10 +743,12 @@ def verify_artifact(
     calls: int = 200,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    lerobot_version: str | None = None,
 ) -> BuildResult:
     """Verify a built artifact again with ``runtime``; on the target's device this replaces the latency
     estimate with measurements. The teacher and episodes must be the ones the artifact was built from
-    (checked by hash); the reports are rewritten in place, atomically."""
+    (checked by hash); the reports are rewritten in place, atomically. ``lerobot_version``: the
+    SmolVLA teacher's lerobot semantics (default: those the build recorded in manifest.json)."""
     import dataclasses
 
     from vlacompile.cache import episodes_hash
@@ -748,7 +772,8 @@ def verify_artifact(
     tgt = parse_target({k: v for k, v in target_data.items() if k != "path"}, out / "target.json")
 
     ckpt = Path(checkpoint) if checkpoint is not None else Path(manifest["inputs"]["teacher"])
-    teacher = load_policy(ckpt, tokenizer=manifest["inputs"].get("tokenizer"), allow_unnormalized=bool(manifest["inputs"].get("allow_unnormalized")))
+    teacher = load_policy(ckpt, tokenizer=manifest["inputs"].get("tokenizer"), allow_unnormalized=bool(manifest["inputs"].get("allow_unnormalized")),
+                          lerobot_version=lerobot_version or manifest["inputs"].get("lerobot_version"))
     if teacher.meta["weights_sha256"] != manifest["inputs"]["teacher_weights_sha256"]:
         raise CheckpointError(
             "is not the teacher this artifact was built from (weights sha256 differs)",
@@ -769,7 +794,7 @@ def verify_artifact(
     if spec_path.is_file():
         from vlacompile.policy import PolicySpec
 
-        spec = PolicySpec.from_dict(json.loads(spec_path.read_text()))
+        spec = PolicySpec.from_dict(read_student_spec(spec_path))
     else:  # artifacts built before student_spec.json: the teacher's spec with the student's flow steps
         spec = dataclasses.replace(teacher.spec, flow_steps=report["student"]["flow_steps"], head=None)
     student_dir = out / STUDENT_DIR

@@ -23,7 +23,7 @@ PI0 = Path(__file__).parent / "pi0" / "fixtures"
 
 
 def _smolvla(name: str = "two_cams_every3"):
-    return load_policy(SMOLVLA / name / "policy", tokenizer=SMOLVLA / name / "vlm")
+    return load_policy(SMOLVLA / name / "policy", tokenizer=SMOLVLA / name / "vlm", lerobot_version="0.4")  # made by lerobot 0.4.4
 
 
 def _pi0(name: str):

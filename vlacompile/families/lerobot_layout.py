@@ -56,10 +56,15 @@ def definition_digest(ckpt: Path, side: Path) -> str:
 
 
 def write_policy_dir(policy, out: Path, config: dict[str, Any], to_lerobot_key: Callable[[str], str], side_dir: str,
-                     side_suffixes: tuple[str, ...], sidecar: tuple[str, dict[str, Any]]) -> Path:
-    """lerobot's layout: ``config`` as config.json, the module's weights under lerobot's keys, both
-    processor pipelines and their state files as read, the tokenizer (or VLM) directory copied into
-    ``side_dir``, and the sidecar (name, content) for sizes lerobot's config cannot say."""
+                     side_suffixes: tuple[str, ...], sidecar: tuple[str, dict[str, Any]], *,
+                     extra_tensors: dict[str, Any] | None = None, side_files: dict[str, dict[str, Any]] | None = None,
+                     tokenizer_name: str | None = None) -> Path:
+    """lerobot's layout: ``config`` as config.json, the module's weights under lerobot's keys (plus
+    ``extra_tensors``, lerobot-keyed tensors the module does not hold, as stored), both processor
+    pipelines and their state files as read (the tokenizer step's ``tokenizer_name`` replaced when
+    given), the tokenizer (or VLM) directory copied into ``side_dir`` with ``side_files`` (name ->
+    JSON content) written instead of copied, and the sidecar (name, content) for what lerobot's
+    config cannot say."""
     from safetensors.numpy import save_file as save_np
     from safetensors.torch import save_file
 
@@ -67,16 +72,28 @@ def write_policy_dir(policy, out: Path, config: dict[str, Any], to_lerobot_key: 
     (out / "config.json").write_text(json.dumps(config, indent=4) + "\n")
     weights = {to_lerobot_key(k): v.detach().contiguous().cpu() for k, v in policy.module.state_dict().items()
                if not k.startswith("normalize.")}
+    for k, v in (extra_tensors or {}).items():
+        weights.setdefault(k, v.detach().contiguous().cpu())
     save_file(weights, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     for name in (PREPROCESSOR, POSTPROCESSOR):
-        (out / name).write_text(src[name])
+        text = src[name]
+        if tokenizer_name is not None:
+            pipeline = json.loads(text)
+            steps = [s for s in pipeline.get("steps", []) if s.get("registry_name") == "tokenizer_processor"]
+            for s in steps:
+                s.setdefault("config", {})["tokenizer_name"] = tokenizer_name
+            if steps:
+                text = json.dumps(pipeline, indent=2)  # as lerobot writes it
+        (out / name).write_text(text)
     for name, tensors in src["state_files"].items():
         save_np({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / name))
     side = Path(policy.spec.processor_settings["tokenizer_dir"])
     (out / side_dir).mkdir(exist_ok=True)
     for f in sorted(side.iterdir()):
-        if f.is_file() and f.suffix in side_suffixes:
+        if f.is_file() and f.suffix in side_suffixes and f.name not in (side_files or {}):
             shutil.copyfile(f, out / side_dir / f.name)
+    for fname, content in (side_files or {}).items():
+        (out / side_dir / fname).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     name, content = sidecar
     (out / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     return out

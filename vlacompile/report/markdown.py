@@ -65,6 +65,8 @@ def _overview(report: dict[str, Any]) -> Section:
     ]
     if t.get("opaque"):
         lines.append(f"The teacher is opaque ({t.get('format')}): {t.get('opaque_note')}.")
+    if t.get("lerobot_semantics"):
+        lines.append(f"LeRobot semantics: {t['lerobot_semantics']}.")
     if samples:
         lines.append(f"Verified on {samples.get('count')} samples from {samples.get('episodes')} held-out episodes.")
     return Section("Models", ["model", "parameters", "flow steps", "precision", "family / graph"], rows, lines)

@@ -20,7 +20,8 @@ For every configuration in CONFIGS this builds, offline and with random weights:
   ``finalize``) with the policy's features, for the end-to-end build test.
 
 The fixtures are what lerobot computed; vlacompile's tests compare against them without lerobot.
-Regenerate them with this script rather than editing them.
+Regenerate them with this script rather than editing them. make_fixtures_061.py (lerobot 0.6.1)
+reuses ``generate`` and runs these same policies under lerobot 0.6.1.
 """
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def bf16_backbone(weights: Path) -> None:
     save_file(state, str(weights), metadata={"format": "pt"})
 
 
-def generate(name: str, c: dict, root: Path) -> None:
+def generate(name: str, c: dict, root: Path, generated_by: str = "tests/families/smolvla/make_fixtures.py") -> None:
     import lerobot
     import transformers
     from safetensors.torch import save_file
@@ -198,6 +199,8 @@ def generate(name: str, c: dict, root: Path) -> None:
         for pname, p in policy.named_parameters():
             if pname.endswith("bias") or "norm" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
+            if "position_embedding" in pname and c.get("position_embedding_std"):
+                p.normal_(0.0, c["position_embedding_std"])  # trained towers' are large; the default init's are tiny
     pre, post = make_smolvla_pre_post_processors(config, dataset_stats=make_stats(c, rng))
     policy.save_pretrained(policy_dir)
     pre.save_pretrained(policy_dir)
@@ -237,7 +240,7 @@ def generate(name: str, c: dict, root: Path) -> None:
     save_file({k: v.contiguous() for k, v in arrays.items()}, str(out / "cases.safetensors"))
     (out / "cases.json").write_text(json.dumps(cases, indent=2) + "\n")
     meta = {
-        "generated_by": "tests/families/smolvla/make_fixtures.py",
+        "generated_by": generated_by,
         "lerobot": lerobot.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
         "config": {k: v for k, v in c.items()},
     }

@@ -56,7 +56,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _build(args: list[str]):
-    result = CliRunner().invoke(main, ["build", "--quiet", "--calls", "20", *args])
+    # The fixtures were saved by lerobot 0.4.4, whose config.json does not say which lerobot runs them.
+    result = CliRunner().invoke(main, ["build", "--quiet", "--calls", "20", "--lerobot-version", "0.4", *args])
     assert "Traceback" not in result.output, result.output
     return result
 
@@ -94,6 +95,25 @@ def test_smolvla_builds_for_x86_cpu_and_the_report_names_the_family(cpu_build):
     assert report["student"]["flow_steps"] == 2 and report["latency"]["student"]["kind"] == "measured"
     assert 0 <= report["accuracy"]["nmse_vs_teacher"] < 10
     assert report["student"]["config"]["model_type"] == "smolvla"
+    # The semantics the user named are the teacher's and the student's, in the report and the manifest.
+    assert report["teacher"]["lerobot_version"] == report["student"]["lerobot_version"] == "0.4"
+    assert "named (--lerobot-version 0.4)" in report["teacher"]["lerobot_semantics"]
+    assert report["student"]["config"]["patch_positions"] == "transformers4"
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["lerobot_version"] == "0.4"
+    # mlp_ratio 0.5 narrows the expert's MLP, which lerobot cannot express: the log and the report say so.
+    gap = [n for n in report["notes"] if "lerobot cannot load this student" in n]
+    assert gap and "expert's MLP widths" in gap[0] and "warning: student/: lerobot cannot load" in result.output
+    # student_spec.json names the tokenizer the artifact carries, relative to the artifact.
+    assert json.loads((out / "student_spec.json").read_text())["processor"]["tokenizer_dir"] == "student/vlm"
+    from vlacompile.artifact import read_student_spec
+    from vlacompile.families import make_preprocessor
+    from vlacompile.policy import PolicySpec
+
+    copied = tmp / "copied"
+    shutil.copytree(out, copied)
+    spec = PolicySpec.from_dict(read_student_spec(copied / "student_spec.json"))
+    assert spec.processor_settings["tokenizer_dir"] == str(copied / "student" / "vlm")
+    assert make_preprocessor(spec).tokens("push")[1].any()
     # The student is a self-contained lerobot-layout directory: it loads without --tokenizer and is
     # the network student.onnx computes.
     student = load_policy(out / "student")
@@ -142,7 +162,7 @@ def test_every_default_recipe_fits_a_smolvla_teacher(target):
     tgt = load_target(target)
     rcp = load_recipe(tgt.default_recipe)
     check_recipe(rcp, tgt)
-    teacher = load_policy(POLICY, tokenizer=VLM)
+    teacher = load_policy(POLICY, tokenizer=VLM, lerobot_version="0.4")
     train, calib, _ = split_episodes(read_episodes(EPISODES), seed=0)
     ctx = BuildContext(target=tgt, workdir=Path("."), teacher=teacher, train=train, calibration=calib, log=lambda m: None)
     source = teacher
@@ -164,7 +184,7 @@ def test_unknown_lerobot_type_is_named(tmp_path):
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "type": "groot"}))
     with pytest.raises(CheckpointError, match="(?s)a lerobot `groot` checkpoint.*GR00T.*vlacompile supports.*LeRobot SmolVLA"):
-        load_policy(ckpt, tokenizer=VLM)
+        load_policy(ckpt, tokenizer=VLM, lerobot_version="0.4")
 
 
 def test_missing_tokenizer_names_what_to_pass(tmp_path, monkeypatch):
@@ -191,7 +211,7 @@ def test_the_hub_cache_is_found_offline(tmp_path, monkeypatch):
     shutil.copytree(POLICY, ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "vlm_model_name": "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"}))
-    assert load_policy(ckpt).meta["tokenizer"] == str(snap)
+    assert load_policy(ckpt, lerobot_version="0.4").meta["tokenizer"] == str(snap)
 
 
 def test_stats_that_miss_a_feature_are_refused_unless_allowed(tmp_path):
@@ -203,9 +223,9 @@ def test_stats_that_miss_a_feature_are_refused_unless_allowed(tmp_path):
     # What lerobot/smolvla_base's file looks like: dataset-qualified keys, none for observation.state.
     save_file({f"so100.buffer.{k}": v for k, v in load_file(str(stats)).items()}, str(stats))
     with pytest.raises(CheckpointError, match="(?s)do not cover observation.state.*so100") as e:
-        load_policy(ckpt, tokenizer=VLM)
+        load_policy(ckpt, tokenizer=VLM, lerobot_version="0.4")
     assert "--allow-unnormalized" in str(e.value) and stats.name in str(e.value)
-    policy = load_policy(ckpt, tokenizer=VLM, allow_unnormalized=True)
+    policy = load_policy(ckpt, tokenizer=VLM, allow_unnormalized=True, lerobot_version="0.4")
     assert policy.config.state_norm == "IDENTITY" and any("unnormalised" in n for n in policy.meta["notes"])
 
 
@@ -219,7 +239,7 @@ def test_legacy_and_foreign_pipelines_are_clear_errors(tmp_path):
     w = load_file(str(legacy / "model.safetensors"))
     save_file({**w, "normalize_inputs.buffer_observation_state.mean": np.zeros(6, np.float32)}, str(legacy / "model.safetensors"))
     with pytest.raises(CheckpointError, match="(?s)lerobot <= 0.3.*migrate_policy_normalization"):
-        load_policy(legacy, tokenizer=VLM)
+        load_policy(legacy, tokenizer=VLM, lerobot_version="0.4")
 
     foreign = tmp_path / "foreign"
     shutil.copytree(POLICY, foreign)
@@ -227,7 +247,7 @@ def test_legacy_and_foreign_pipelines_are_clear_errors(tmp_path):
     pre["steps"].insert(1, {"registry_name": "image_crop_processor", "config": {}})
     (foreign / "policy_preprocessor.json").write_text(json.dumps(pre))
     with pytest.raises(CheckpointError, match="(?s)image_crop_processor.*does not implement"):
-        load_policy(foreign, tokenizer=VLM)
+        load_policy(foreign, tokenizer=VLM, lerobot_version="0.4")
 
 
 def test_truncated_weights_fail_the_build_and_leave_the_output(cpu_build, tmp_path):

@@ -1,8 +1,14 @@
-"""SmolVLA reproduces lerobot: fixtures made by lerobot 0.4.4 (make_fixtures.py, in the side
-environment) against vlacompile's torch teacher, its exported single graph and its split
-System 2 + System 1 graphs, on the same observations and noise, without lerobot installed.
+"""SmolVLA reproduces lerobot 0.4.4 and lerobot 0.6.1, each under its own semantics: fixtures made
+by lerobot (make_fixtures.py with 0.4.4, make_fixtures_061.py with 0.6.1, in the side environment)
+against vlacompile's torch teacher, its exported single graph and its split System 2 + System 1
+graphs, on the same observations and noise, without lerobot installed.
 
-The four configurations differ in cameras (1 or 2, plus a synthetic empty camera), image sizes
+Three sets of references: fixtures/<name>/cases.safetensors (the policies lerobot 0.4.4 saved, run
+by lerobot 0.4.4; compiled with ``lerobot_version="0.4"``), fixtures/<name>/lerobot061.safetensors
+(the same checkpoints and inputs run by lerobot 0.6.1; ``lerobot_version="0.6"``) and
+fixtures061/<name>/ (policies lerobot 0.6.1 saved and ran; the version is detected from config.json).
+
+The four 0.4.4 configurations differ in cameras (1 or 2, plus a synthetic empty camera), image sizes
 (square, wide, tall, resized with padding), state/action dims, chunk size, flow steps, VLM depth,
 expert depth (as deep as the VLM, or half), the attention pattern (cross every 2nd or 3rd layer,
 all self-attention, all cross-attention), normalisation modes (MEAN_STD, MIN_MAX, QUANTILES,
@@ -22,21 +28,33 @@ from vlacompile.checkpoint import load_policy
 from vlacompile.families import make_preprocessor
 from vlacompile.observation import from_lerobot
 
-FIXTURES = Path(__file__).parent / "fixtures"
+HERE = Path(__file__).parent
+FIXTURES = HERE / "fixtures"
 CONFIGS = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+CONFIGS_061 = sorted(p.name for p in (HERE / "fixtures061").iterdir() if p.is_dir())
+# (fixture directory, the lerobot version named when loading (None: detected), the reference file)
+REFERENCES = {
+    **{f"{n}@lerobot-0.4.4": (FIXTURES / n, "0.4", "cases.safetensors") for n in CONFIGS},
+    **{f"{n}@lerobot-0.6.1": (FIXTURES / n, "0.6", "lerobot061.safetensors") for n in CONFIGS},
+    **{f"{n}@lerobot-0.6.1-saved": (HERE / "fixtures061" / n, None, "cases.safetensors") for n in CONFIGS_061},
+}
 TOL = 1e-4  # actions agree to 1e-4 of max(1, |action|), FP32
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def cases(name: str):
-    root = FIXTURES / name
+def cases(key: str):
+    """(lerobot observation, lerobot's outputs for it) per case of the reference ``key``."""
+    root, _, reference = REFERENCES[key]
     arrays = load_file(str(root / "cases.safetensors"))
+    ref = load_file(str(root / reference))
     for i, case in enumerate(json.loads((root / "cases.json").read_text())):
         obs = {f"observation.images.{cam}": arrays[f"{i}.image.{cam}"] for cam in case["cameras"]}
         obs["observation.state"] = arrays[f"{i}.state"]
         obs["task"] = case["task"]
-        yield obs, {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}.")}
+        out = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}.")}
+        out.update({k.split(".", 1)[1]: v for k, v in ref.items() if k.startswith(f"{i}.")})
+        yield obs, out
 
 
 def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
@@ -44,17 +62,37 @@ def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
     assert err.max() <= TOL, f"{what}: worst relative error {err.max():.3g} > {TOL}"
 
 
-@pytest.fixture(scope="module", params=CONFIGS)
+@pytest.fixture(scope="module", params=sorted(REFERENCES))
 def fixture(request):
-    root = FIXTURES / request.param
-    return request.param, load_policy(root / "policy", tokenizer=root / "vlm")
+    root, version, _ = REFERENCES[request.param]
+    return request.param, load_policy(root / "policy", tokenizer=root / "vlm", lerobot_version=version)
 
 
 def test_the_fixtures_were_made_by_lerobot():
-    assert len(CONFIGS) >= 2
+    assert len(CONFIGS) >= 2 and CONFIGS_061
     for name in CONFIGS:
         meta = json.loads((FIXTURES / name / "meta.json").read_text())
         assert meta["lerobot"].startswith("0.4") and meta["generated_by"].endswith("make_fixtures.py")
+        meta = json.loads((FIXTURES / name / "lerobot061.json").read_text())
+        assert meta["lerobot"] == "0.6.1" and meta["transformers"].startswith("5.") and meta["generated_by"].endswith("make_fixtures_061.py")
+    for name in CONFIGS_061:
+        meta = json.loads((HERE / "fixtures061" / name / "meta.json").read_text())
+        assert meta["lerobot"] == "0.6.1" and meta["generated_by"].endswith("make_fixtures_061.py")
+        assert "pretrained_revision" in json.loads((HERE / "fixtures061" / name / "policy" / "config.json").read_text())
+
+
+def test_each_lerobot_is_reproduced_under_its_own_semantics_only():
+    """The same checkpoint and inputs: vlacompile under lerobot 0.4's semantics is lerobot 0.4.4 and
+    not lerobot 0.6.1, and the other way round (the patch position ids are the difference)."""
+    for key, (root, version, _) in REFERENCES.items():
+        if version is None:
+            version = "0.6"
+        other = {"0.4": "0.6", "0.6": "0.4"}[version]
+        right = load_policy(root / "policy", tokenizer=root / "vlm", lerobot_version=version)
+        wrong = load_policy(root / "policy", tokenizer=root / "vlm", lerobot_version=other)
+        obs, ref = next(cases(key))
+        assert np.abs(right.predict_chunk(obs, noise=ref["noise"]) - ref["actions"]).max() < TOL
+        assert np.abs(wrong.predict_chunk(obs, noise=ref["noise"]) - ref["actions"]).max() > TOL, key
 
 
 def test_tokens_and_normalised_state_match_lerobots_preprocessor(fixture):

@@ -15,16 +15,40 @@ Layer layout (lerobot ``smolvlm_with_expert.py``; the rules the module follows a
   index in cross mode (lerobot reshapes them by the *expert* index), else the expert's width.
   A configuration where a self-attention layer has no expert, or an expert's projections do not
   fit the layer it sits at, does not run in lerobot either: it is refused with that reason.
+
+Which lerobot runs the policy decides one computation: the vision tower's patch position ids,
+which transformers computes (``SmolVLMVisionEmbeddings``). lerobot 0.4.x runs transformers 4,
+which bucketises patch ``i`` of ``n`` at ``i / n * (1 - 1e-6)``; lerobot 0.5 and 0.6 run
+transformers 5, which bucketises it at ``clamp(i * (1 / n), max=1 - 1e-6)``. On an 8 x 8 grid the
+ids per row are 0, 0, 1, .., 6 against 0, 1, .., 7, and the same checkpoint's chunks differ by
+tenths. Everything else SmolVLA computes is the same in lerobot 0.4.4 and 0.6.1 (their
+``policies/smolvla`` and processor steps compared line by line).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from vlacompile.errors import CheckpointError
+from vlacompile.errors import CheckpointError, ConfigError
 from vlacompile.lerobot.policy_dir import Camera  # noqa: F401  (SmolVLAConfig.cameras)
 
 FAMILY = "smolvla"
+
+# The two conventions (``patch_positions``) and the lerobot releases that run each.
+PATCH_POSITIONS = {"transformers4": "i / n * (1 - 1e-6)", "transformers5": "clamp(i * (1 / n), max=1 - 1e-6)"}
+PATCH_LABELS = {"transformers4": "lerobot 0.4.x / transformers 4", "transformers5": "lerobot >= 0.5 / transformers 5"}
+LEROBOT_VERSIONS = {"0.4": "transformers4", "0.5": "transformers5", "0.6": "transformers5"}
+
+
+def parse_lerobot_version(text: str, source: str = "--lerobot-version") -> str:
+    """``"0.6.1"``, ``"v0.4.4"``, ``"0.5"`` -> the release line ``"0.6"`` / ``"0.4"`` / ``"0.5"``."""
+    parts = str(text).strip().lstrip("vV").split(".")
+    line = ".".join(parts[:2])
+    if len(parts) < 2 or line not in LEROBOT_VERSIONS or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"lerobot version {text!r} is not one whose SmolVLA vlacompile implements",
+                          source=source, hint=f"name the lerobot release you run the policy with: one of "
+                          f"{', '.join(LEROBOT_VERSIONS)} (a patch version such as 0.6.1 is fine)")
+    return line
 
 
 def get_intermediate_size(hidden_dim: int, ffn_dim_multiplier: int = 4, multiple_of: int = 256) -> int:
@@ -52,6 +76,7 @@ class SmolVLAConfig:
     max_period: float
     # Images.
     resize: tuple[int, int] | None  # (width, height) of resize_imgs_with_padding, or None
+    patch_positions: str  # "transformers4" | "transformers5": the vision tower's patch position ids (PATCH_POSITIONS)
     # Language.
     tokenizer_max_length: int
     padding: str  # "longest" | "max_length" (a static graph pads to max_length either way: same result)
@@ -180,6 +205,8 @@ class SmolVLAConfig:
         for i in range(self.num_vlm_layers):
             if self.is_self_attn(i) and self.expert_at(i) is None:
                 problems.append(f"VLM layer {i} is self-attention but has no expert layer (lerobot cannot run this either)")
+        if self.patch_positions not in PATCH_POSITIONS:
+            problems.append(f"patch_positions is {self.patch_positions!r}, not one of {sorted(PATCH_POSITIONS)}")
         if problems:
             raise CheckpointError("; ".join(problems), source=source,
                                   hint="the num_vlm_layers / num_expert_layers / self_attn_every_n_layers combination is not one SmolVLA runs")

@@ -2,6 +2,8 @@
 lerobot's layer rules, prune groups, the System 2 (per-layer K/V) / System 1 split."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,9 @@ from vlacompile.families.base import Family, Probe, PruneGroup, SplitPlan, evenl
 from vlacompile.families.lerobot_layout import (camera_name, definition_digest, policy_features, pruned_config, sliced_state,
                                                 vision_prune_groups, write_policy_dir)
 from vlacompile.families.smolvla.configuration import FAMILY as NAME
-from vlacompile.families.smolvla.configuration import Camera, SmolVLAConfig
-from vlacompile.families.smolvla.modeling import SmolVLA
+from vlacompile.families.smolvla.configuration import (LEROBOT_VERSIONS, PATCH_LABELS, PATCH_POSITIONS, Camera, SmolVLAConfig,
+                                                       get_intermediate_size, parse_lerobot_version)
+from vlacompile.families.smolvla.modeling import SmolVLA, _navit_position_ids
 from vlacompile.families.smolvla.processor import TOKENIZER_FILE, SmolVLAPreprocessor, TextTokenizer, resolve_vlm_dir
 from vlacompile.lerobot.policy_dir import PREPROCESSOR, POSTPROCESSOR, Normalisers, PolicyDir, read_policy_dir
 from vlacompile.policy import CameraSpec, FlowHead, InputSpec, Policy, PolicySpec
@@ -69,28 +72,39 @@ class SmolVLAFamily(Family):
         return config_json.get("type") == "smolvla"
 
     def load(self, ckpt: Path, *, allow_pickle: bool = False, tokenizer: Path | None = None,
-             allow_unnormalized: bool = False) -> Policy:
+             allow_unnormalized: bool = False, lerobot_version: str | None = None) -> Policy:
+        """``lerobot_version``: the lerobot release the policy is run with ("0.4", "0.6.1", ...), which
+        decides the vision tower's patch position ids (see ``configuration``). None: read it from
+        a vlacompile student's sidecar, or from config.json (lerobot >= 0.6 writes
+        ``pretrained_revision``); where neither says and the two conventions differ for this
+        policy's images, refuse and ask for it."""
         pd = read_policy_dir(ckpt)
         vlm_dir = resolve_vlm_dir(str(pd.config.get("vlm_model_name", "")), tokenizer, ckpt)
         state, files = read_weights(ckpt, allow_pickle=allow_pickle)
         sidecar = read_json(ckpt / SIDECAR) if (ckpt / SIDECAR).is_file() else None
-        config, stats, notes = _resolve_config(pd, vlm_dir, state, sidecar, allow_unnormalized, files[0])
+        config, stats, notes = _resolve_config(pd, vlm_dir, state, sidecar, allow_unnormalized, files[0], lerobot_version)
         module = SmolVLA(config)
-        remapped = {}
+        remapped, unused = {}, {}
         for k, v in state.items():
             mk = to_module_key(str(k))
-            unused = mk is None and str(k).startswith(UNUSED)
-            if not unused and (mk is None or mk.startswith("vlm_with_expert.")):
+            if mk is None and str(k).startswith(UNUSED):
+                unused[str(k)] = v  # kept as stored, so a saved student has every tensor lerobot stores
+                continue
+            if mk is None or mk.startswith("vlm_with_expert."):
                 raise CheckpointError(f"tensor {k!r} is not one a SmolVLA policy has", source=files[0],
                                       hint="the weights are not lerobot SmolVLA weights, or come from an incompatible version")
-            if mk is not None:
-                remapped[mk] = v
+            remapped[mk] = v
+        config.source["unused_tensors"] = unused
         remapped.update(stats)
         check_and_load_state(module, remapped, files[0])
         module.eval()
+        semantics = config.source["lerobot_semantics"]
         meta = {
             "source": str(ckpt), "weights_sha256": weights_digest(files), "format": _format_label(pd, sidecar),
-            "tokenizer": str(vlm_dir), "definition_sha256": definition_digest(ckpt, vlm_dir),
+            "tokenizer": str(vlm_dir),
+            # What lerobot semantics the policy computes is part of its definition (cache keys, teacher targets).
+            "definition_sha256": hashlib.sha256(f"{definition_digest(ckpt, vlm_dir)}/{config.patch_positions}".encode()).hexdigest(),
+            "lerobot_version": semantics["lerobot_version"], "lerobot_semantics": semantics["summary"],
             "notes": notes, **({"allow_unnormalized": True} if allow_unnormalized else {}),
             **({"derived_from": sidecar.get("derived_from")} if sidecar else {}),
         }
@@ -98,17 +112,52 @@ class SmolVLAFamily(Family):
 
     def save(self, policy: Policy, out: Path) -> Path:
         """lerobot's layout (config.json, model.safetensors, both processor pipelines and their
-        normaliser files), plus vlm/ (the tokenizer and VLM config) and vlacompile.json (per-layer
-        sizes lerobot's config cannot say). Without narrowed layers lerobot reads it as it is."""
+        normaliser files), plus vlm/ (the tokenizer and the VLM config) and vlacompile.json (per-layer
+        sizes, the lerobot semantics). Every depth and width lerobot reads is written where it reads
+        it: ``num_vlm_layers`` / ``num_expert_layers`` in config.json, the vision and text depths and
+        MLP widths in vlm/config.json, which config.json's ``vlm_model_name`` and the tokenizer step's
+        ``tokenizer_name`` name as ``vlm`` (lerobot resolves that against its working directory: load
+        from inside the directory, or point both at it). What lerobot cannot express (``lerobot_gaps``)
+        is in the sidecar and, in a build, in its log and report."""
         cfg: SmolVLAConfig = policy.config
         src = cfg.source
         config = dict(src["config"])
-        config.update(num_vlm_layers=cfg.num_vlm_layers, num_steps=cfg.num_steps,
+        config.update(num_vlm_layers=cfg.num_vlm_layers, num_steps=cfg.num_steps, vlm_model_name=VLM_DIR,
                       num_expert_layers=cfg.num_expert_layers if cfg.num_expert_layers != cfg.num_vlm_layers else -1)
-        sidecar = {"format": 1, "vision_heads": list(cfg.vision_heads), "vision_mlp": list(cfg.vision_mlp),
+        side = Path(policy.spec.processor_settings["tokenizer_dir"])
+        vlm_config = student_vlm_config(read_json(side / "config.json", "SmolVLM2 backbone config (config.json)"), cfg)
+        sidecar = {"format": 2, "vision_heads": list(cfg.vision_heads), "vision_mlp": list(cfg.vision_mlp),
                    "text_mlp": list(cfg.text_mlp), "expert_mlp": list(cfg.expert_mlp), "expert_kv_in": list(cfg.expert_kv_in),
-                   "derived_from": policy.meta.get("derived_from")}
-        return write_policy_dir(policy, out, config, to_lerobot_key, VLM_DIR, (".json", ".txt", ".model", ".jinja"), (SIDECAR, sidecar))
+                   "derived_from": policy.meta.get("derived_from"), "patch_positions": cfg.patch_positions,
+                   "lerobot_version": policy.meta.get("lerobot_version"), "lerobot_gaps": self.lerobot_gaps(policy)}
+        return write_policy_dir(policy, out, config, to_lerobot_key, VLM_DIR, (".json", ".txt", ".model", ".jinja"), (SIDECAR, sidecar),
+                                extra_tensors=src.get("unused_tensors") or {}, side_files={"config.json": vlm_config},
+                                tokenizer_name=VLM_DIR)
+
+    def lerobot_gaps(self, policy: Policy) -> list[str]:
+        """What lerobot's files cannot say about this policy: lerobot builds one MLP width per part
+        (vision: ``intermediate_size``; text: ``intermediate_size``; expert: a function of its hidden
+        width) and one vision head count, so a policy whose layers differ from that does not load in
+        lerobot (its weights do not fit the modules lerobot builds). Empty when lerobot loads it."""
+        cfg: SmolVLAConfig = policy.config
+        vlm = read_json(Path(policy.spec.processor_settings["tokenizer_dir"]) / "config.json", "SmolVLM2 backbone config (config.json)")
+        vision = vlm.get("vision_config") or {}
+        gaps = []
+        if len(set(cfg.vision_mlp)) > 1:
+            gaps.append(f"the vision layers' MLP widths differ per layer ({list(cfg.vision_mlp)}); lerobot builds one "
+                        "(vision_config.intermediate_size)")
+        if len(set(cfg.text_mlp)) > 1:
+            gaps.append(f"the VLM text layers' MLP widths differ per layer ({list(cfg.text_mlp)}); lerobot builds one "
+                        "(text_config.intermediate_size)")
+        want = get_intermediate_size(cfg.expert_hidden)
+        if any(m != want for m in cfg.expert_mlp):
+            gaps.append(f"the expert's MLP widths are {list(cfg.expert_mlp)}; lerobot builds {want} for a {cfg.expert_hidden}-wide "
+                        "expert (get_intermediate_size), whatever the config says")
+        heads = int(vision.get("num_attention_heads", 0) or 0)
+        if any(h != heads for h in cfg.vision_heads):
+            gaps.append(f"the vision layers keep {list(cfg.vision_heads)} attention heads; lerobot builds {heads} per layer "
+                        "(vision_config.num_attention_heads sets the head width too)")
+        return gaps
 
     def build(self, config: SmolVLAConfig) -> SmolVLA:
         return SmolVLA(config)
@@ -147,7 +196,8 @@ class SmolVLAFamily(Family):
 
     def format_info(self, policy: Policy) -> dict[str, Any]:
         return {"family": NAME, "label": self.label, "format": policy.meta.get("format", "lerobot policy directory"),
-                "tokenizer": policy.meta.get("tokenizer")}
+                "tokenizer": policy.meta.get("tokenizer"), "lerobot_version": policy.meta.get("lerobot_version"),
+                "lerobot_semantics": policy.meta.get("lerobot_semantics")}
 
     # -- students ---------------------------------------------------------------------------
 
@@ -296,7 +346,8 @@ class SmolVLAFamily(Family):
         out.module.eval()
         out.spec = self.spec_of(out.module, tokenizer_dir=Path(source.spec.processor_settings["tokenizer_dir"]))
         out.meta = {"derived_from": source.meta.get("weights_sha256") or source.meta.get("derived_from"),
-                    "tokenizer": source.meta.get("tokenizer"), "format": "vlacompile student in lerobot's SmolVLA layout"}
+                    "tokenizer": source.meta.get("tokenizer"), "format": "vlacompile student in lerobot's SmolVLA layout",
+                    "lerobot_version": source.meta.get("lerobot_version"), "lerobot_semantics": source.meta.get("lerobot_semantics")}
         return out
 
     # -- training, quantisation, cost -------------------------------------------------------
@@ -394,7 +445,8 @@ def _check_steps(pd: PolicyDir) -> None:
                     hint="this pipeline differs from the one lerobot's SmolVLA writes; compile a policy saved by lerobot's make_smolvla_pre_post_processors")
 
 
-def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_unnormalized: bool, weights_path: Path):
+def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_unnormalized: bool, weights_path: Path,
+                    lerobot_version: str | None = None):
     c = pd.config
     src = pd.root / "config.json"
     _check_steps(pd)
@@ -484,6 +536,11 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
                               source=vlm_dir / TOKENIZER_FILE)
     resize = c.get("resize_imgs_with_padding")
     attention_mode = str(c.get("attention_mode", "cross_attn"))
+    patch = int(need(vision, "patch_size", "vision_config"))
+    hw = (int(resize[1]), int(resize[0])) if resize else (cameras[0].height, cameras[0].width)
+    grid = (hw[0] // patch, hw[1] // patch, int(need(vision, "image_size", "vision_config")) // patch)
+    semantics = _lerobot_semantics(pd, sidecar, lerobot_version, grid)
+    notes = [*norms.notes, *semantics["notes"]]
 
     cfg = SmolVLAConfig(
         cameras=tuple(cameras), state_key=state_f.key, state_name=back.get(state_f.key, state_f.key), state_dim=state_dim,
@@ -491,7 +548,7 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
         chunk_size=int(c.get("chunk_size", 50)), num_steps=int(c.get("num_steps", 10)),
         max_state_dim=int(c.get("max_state_dim", 32)), max_action_dim=int(c.get("max_action_dim", 32)),
         min_period=float(c.get("min_period", 4e-3)), max_period=float(c.get("max_period", 4.0)),
-        resize=(int(resize[0]), int(resize[1])) if resize else None,
+        resize=(int(resize[0]), int(resize[1])) if resize else None, patch_positions=semantics["patch_positions"],
         tokenizer_max_length=tokenizer.max_length, padding=str(tok_cfg.get("padding", "longest")),
         padding_side=tokenizer.padding_side, truncation=tokenizer.truncation,
         append_newline=pd.step("pre", "smolvla_new_line_processor") is not None,
@@ -517,7 +574,7 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
         adapt_to_pi_aloha=bool(c.get("adapt_to_pi_aloha", False)),
         source={"config": c, PREPROCESSOR: (pd.root / PREPROCESSOR).read_text(), POSTPROCESSOR: (pd.root / POSTPROCESSOR).read_text(),
                 "state_files": {s.state_file: pd.step_state(s) for s in (*pd.preprocessor, *pd.postprocessor) if s.state_file},
-                "tokenizer_dir": str(vlm_dir)},
+                "tokenizer_dir": str(vlm_dir), "lerobot_semantics": semantics},
     )
     if resize is None and any((cam.height, cam.width) != (cfg.cameras[0].height, cfg.cameras[0].width) for cam in cfg.cameras):
         raise CheckpointError("cameras of different sizes without resize_imgs_with_padding", source=src)
@@ -525,7 +582,67 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
         raise CheckpointError("the text embedding width differs from the backbone config's hidden_size", source=weights_path,
                               hint="the tokenizer directory's config.json is not this policy's VLM")
     cfg.validate(str(src))
-    return cfg, norms.buffers, norms.notes
+    return cfg, norms.buffers, notes
+
+
+def _lerobot_semantics(pd: PolicyDir, sidecar, named: str | None, grid: tuple[int, int, int]) -> dict[str, Any]:
+    """Which lerobot's semantics the policy is compiled with: {patch_positions, lerobot_version (a
+    release line, or None where it does not matter), summary (how it was decided), notes}.
+
+    In order: the version the user names; a vlacompile student's sidecar (the semantics it was
+    built under); config.json's ``pretrained_revision``, a field lerobot >= 0.6 writes and older
+    lerobot rejects (draccus refuses unknown fields), so the policy runs on transformers 5. A policy
+    saved by lerobot 0.4 or 0.5 says neither: when the two conventions give this policy's image grid
+    different position ids, it is refused with a request to name the version; never guessed."""
+    c, src = pd.config, pd.root / "config.json"
+    h, w, per_side = grid
+    same = all(torch.equal(_navit_position_ids(h, w, per_side, "transformers4"), _navit_position_ids(h, w, per_side, pp))
+               for pp in PATCH_POSITIONS)
+    written_by_06 = "pretrained_revision" in c
+    notes: list[str] = []
+    side_pp = (sidecar or {}).get("patch_positions")
+    if named is not None:
+        line = parse_lerobot_version(named)
+        pp, how = LEROBOT_VERSIONS[line], f"named (--lerobot-version {named})"
+        if written_by_06 and line == "0.4":
+            notes.append("config.json has pretrained_revision, which lerobot >= 0.6 writes and lerobot 0.4 does not read; "
+                         "compiled with lerobot 0.4's semantics as named")
+        if side_pp in PATCH_POSITIONS and side_pp != pp:
+            notes.append(f"this vlacompile student was built under {side_pp} patch positions; compiled with {pp} as named")
+    elif side_pp in PATCH_POSITIONS:
+        line, pp = (sidecar or {}).get("lerobot_version"), side_pp
+        how = "from vlacompile.json (the semantics the student was built under)"
+    elif written_by_06:
+        line, pp = "0.6", "transformers5"
+        how = "detected: config.json has pretrained_revision, which lerobot >= 0.6 writes"
+    elif same:
+        line, pp = None, "transformers5"
+        how = f"either: lerobot 0.4 and >= 0.5 give the same patch positions for a {h}x{w} patch grid"
+    else:
+        raise CheckpointError(
+            "does not say which lerobot runs this policy, and that decides its output: lerobot 0.4.x (transformers 4) "
+            "and lerobot 0.5 / 0.6 (transformers 5) number the vision tower's image patches differently "
+            f"({PATCH_POSITIONS['transformers4']} vs {PATCH_POSITIONS['transformers5']} for patch i of n), and on the same checkpoint "
+            "their action chunks differ by up to tenths. The config.json has no pretrained_revision, so lerobot 0.4 or 0.5 "
+            "saved it, and either may run it", source=src,
+            hint="pass --lerobot-version with the lerobot release you run the policy with (e.g. --lerobot-version 0.4 or "
+            "--lerobot-version 0.6; load_policy(..., lerobot_version=...) in Python)")
+    summary = f"{PATCH_LABELS[pp]} patch positions ({PATCH_POSITIONS[pp]}), {how}" if not same else f"patch positions {how}"
+    return {"patch_positions": pp, "lerobot_version": line, "summary": summary, "notes": notes}
+
+
+def student_vlm_config(vlm: dict[str, Any], cfg: SmolVLAConfig) -> dict[str, Any]:
+    """The VLM config.json lerobot builds ``cfg`` from: the source's, with the policy's vision and text
+    depths and, where a part has one MLP width, that width (``lerobot_gaps`` names what else differs)."""
+    out = json.loads(json.dumps(vlm))
+    vision, text = out.setdefault("vision_config", {}), out.setdefault("text_config", {})
+    vision["num_hidden_layers"] = cfg.vision_layers
+    text["num_hidden_layers"] = cfg.num_vlm_layers
+    if len(set(cfg.vision_mlp)) == 1:
+        vision["intermediate_size"] = cfg.vision_mlp[0]
+    if len(set(cfg.text_mlp)) == 1:
+        text["intermediate_size"] = cfg.text_mlp[0]
+    return out
 
 
 FAMILY = SmolVLAFamily()  # what the registry (vlacompile.families) reads

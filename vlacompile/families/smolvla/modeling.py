@@ -73,8 +73,8 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_wavelength: float =
 
 class VisionTower(nn.Module):
     """SmolVLM's vision transformer and connector: patch embedding, position embedding (NaViT
-    bucketed ids, fixed here for the static image size), encoder, post-norm, pixel shuffle and the
-    modality projection."""
+    bucketed ids in the configured transformers convention, fixed here for the static image size),
+    encoder, post-norm, pixel shuffle and the modality projection."""
 
     def __init__(self, cfg: SmolVLAConfig, image_hw: tuple[int, int]):
         super().__init__()
@@ -90,7 +90,7 @@ class VisionTower(nn.Module):
         self.connector = nn.Module()
         self.connector.proj = nn.Linear(d * cfg.scale_factor**2, cfg.text_hidden, bias=False)
         h, w = image_hw[0] // cfg.patch_size, image_hw[1] // cfg.patch_size
-        self.register_buffer("position_ids", _navit_position_ids(h, w, per_side), persistent=False)
+        self.register_buffer("position_ids", _navit_position_ids(h, w, per_side, cfg.patch_positions), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
@@ -101,13 +101,22 @@ class VisionTower(nn.Module):
         return self.connector.proj(_pixel_shuffle(x, self.scale))
 
 
-def _navit_position_ids(h: int, w: int, per_side: int) -> torch.Tensor:
-    """Position ids of an all-valid h x w patch grid, computed as SmolVLMVisionEmbeddings does (float32 bucketize)."""
+def _navit_position_ids(h: int, w: int, per_side: int, convention: str) -> torch.Tensor:
+    """Position ids of an all-valid h x w patch grid, computed as SmolVLMVisionEmbeddings does (float32
+    bucketize), in transformers 4's convention (``i / n * (1 - 1e-6)``, lerobot 0.4.x) or transformers
+    5's (``clamp(i * (1 / n), max=1 - 1e-6)``, lerobot >= 0.5). A constant of the graph either way."""
     boundaries = torch.arange(1 / per_side, 1.0, 1 / per_side)
-    fh = torch.arange(h, dtype=torch.float32) / h * (1 - 1e-6)
-    fw = torch.arange(w, dtype=torch.float32) / w * (1 - 1e-6)
-    bh = torch.bucketize(fh, boundaries, right=True)
-    bw = torch.bucketize(fw, boundaries, right=True)
+
+    def fractions(n: int) -> torch.Tensor:
+        if convention == "transformers4":
+            return torch.arange(n, dtype=torch.float32) / torch.tensor(n) * (1 - 1e-6)
+        if convention == "transformers5":
+            step = 1.0 / torch.tensor([n])  # an int64 count divided in float32, as transformers 5 does
+            return torch.clamp(torch.arange(n, dtype=torch.float32) * step, max=1.0 - 1e-6)
+        raise ValueError(f"unknown patch position convention {convention!r}")
+
+    bh = torch.bucketize(fractions(h), boundaries, right=True)
+    bw = torch.bucketize(fractions(w), boundaries, right=True)
     return (bh[:, None] * per_side + bw).flatten()
 
 
