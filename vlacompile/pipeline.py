@@ -62,10 +62,12 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail before any work if the output cannot be written (read-only path, a file in the way)."""
-    if out.exists() and not out.is_dir():
-        raise OutputError("exists and is not a directory", source=out, hint="pass --out with a directory path")
+def check_output_dir(out: Path, inputs=()) -> None:
+    """Fail before any work if the output cannot be written (read-only path, a file in the way) or
+    must not be (an input, inside one or holding one, the working directory: ``vlacompile.outputs``)."""
+    from vlacompile.outputs import check_output_dir as check_paths
+
+    check_paths(out, inputs=inputs)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -236,13 +238,18 @@ def build(
         rcp = replace(rcp, closed_loop=None)
     skipped_closed_loop = None
     out_dir = Path(out) if out is not None else Path("build") / tgt.name
-    check_output_dir(out_dir)
-    baseline_report = load_report(baseline) if baseline is not None else None  # read now: out may be the same directory
+    ckpt = (Path(checkpoint) if checkpoint is not None else DEMO_TEACHER).absolute()
+    ep_dir = (Path(episodes) if episodes is not None else DEMO_EPISODES).absolute()
+    # Every path written is checked against every input before anything is read: a build replaces
+    # its output directory as a whole, so an --out over an input would delete it.
+    inputs = [("teacher checkpoint", ckpt), ("tokenizer", tokenizer), ("episodes", ep_dir), ("baseline", baseline),
+              ("recipe", rcp.path or None), ("target profile", tgt.path or None)]
+    _check_build_paths(out_dir if stop_after is None else None, junit, cache_dir if use_cache else None, inputs)
+    baseline_report = load_report(baseline, for_baseline=True) if baseline is not None else None
 
     from vlacompile.checkpoint import load_policy
     from vlacompile.data import read_episodes, split_episodes
 
-    ckpt = (Path(checkpoint) if checkpoint is not None else DEMO_TEACHER).absolute()
     teacher = load_policy(ckpt, allow_pickle=allow_pickle, tokenizer=tokenizer, allow_unnormalized=allow_unnormalized)
     if tgt.budget.actions_per_chunk > teacher.spec.chunk_size:
         raise ConfigError(
@@ -251,7 +258,6 @@ def build(
             source=tgt.path,
             hint="lower actions_per_chunk in the target profile or use a policy with longer chunks",
         )
-    ep_dir = (Path(episodes) if episodes is not None else DEMO_EPISODES).absolute()
     selection = {k: v for k, v in (("camera_map", camera_map), ("state_names", state_names), ("action_names", action_names)) if v}
     es = read_episodes(ep_dir, **selection)
     check_episodes_match(es, teacher.spec, ep_dir)
@@ -307,19 +313,27 @@ def build(
     return BuildResult(out_dir=out_dir, report=report)
 
 
-def load_report(path: str | Path) -> dict[str, Any]:
-    """A build's report.json, from its directory or the file itself; a clear error otherwise."""
-    path = Path(path)
-    file = path / "report.json" if path.is_dir() else path
-    if not file.is_file():
-        raise OutputError("no report.json here", source=path, hint="pass a directory written by `vlacompile build` (or its report.json)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OutputError(f"report.json cannot be read ({exc})", source=file, hint="rebuild that artifact") from None
-    if not isinstance(data, dict) or "gates" not in data:
-        raise OutputError("not a vlacompile report (no gates)", source=file, hint="pass a report.json written by `vlacompile build`")
-    return data
+def _check_build_paths(out_dir: Path | None, junit, cache_dir, inputs: list) -> None:
+    """The build's outputs (its directory, the JUnit file, the stage cache) against its inputs, before any work."""
+    from vlacompile.outputs import check_cache_dir, check_output_file
+
+    if out_dir is not None:
+        check_output_dir(out_dir, inputs)
+    if junit is not None:
+        check_output_file(junit, inputs=inputs, option="--junit", example="gates.xml")
+        if out_dir is not None and Path(junit).expanduser().resolve() == out_dir.expanduser().resolve():
+            raise OutputError("is the output directory", source=junit, hint="pass --junit with a file path, e.g. gates.xml")
+    if cache_dir is not None:
+        check_cache_dir(cache_dir, inputs=inputs)
+
+
+def load_report(path: str | Path, *, for_baseline: bool = False) -> dict[str, Any]:
+    """A build's report.json, from its directory or the file itself; a clear error otherwise.
+    ``for_baseline``: it must also hold what the baseline gates compare (a baseline that gates
+    nothing would pass every build)."""
+    from vlacompile.artifact import COMPARE_REPORT_KEYS, REPORT_KEYS, read_report
+
+    return read_report(path, COMPARE_REPORT_KEYS if for_baseline else REPORT_KEYS)
 
 
 def _judge_against_baseline(report: dict[str, Any], baseline: dict[str, Any], source: Path, log) -> None:
@@ -736,18 +750,29 @@ def verify_artifact(
     from vlacompile.verify.gates import verdict
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = Path(out_dir)
+    from vlacompile.artifact import TARGET_JSON, VERIFY_REPORT_KEYS, read_json_object, read_manifest, read_report
+    from vlacompile.errors import ArtifactError
+    from vlacompile.outputs import check_output_dir as check_paths
+
     if runtime not in RUNTIMES:
         raise OutputError(f"unknown runtime {runtime!r}", source="--runtime", hint=f"choose one of {', '.join(RUNTIMES)}")
-    try:
-        report = json.loads((out / "report.json").read_text())
-        manifest = json.loads((out / "manifest.json").read_text())
-        target_data = json.loads((out / "target.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise OutputError(f"not a complete vlacompile artifact ({e})", source=out, hint="pass a directory written by `vlacompile build`") from None
-    tgt = parse_target({k: v for k, v in target_data.items() if k != "path"}, out / "target.json")
-
+    if not Path(out_dir).is_dir():
+        raise ArtifactError("is not a directory" if Path(out_dir).exists() else "no such artifact directory", source=out_dir,
+                            hint="pass the output directory of `vlacompile build`")
+    # Resolved: `verify .` inside the artifact writes its temporary files and lock beside it, not in it.
+    out = Path(out_dir).resolve()
+    manifest = read_manifest(out)
+    report = read_report(out, VERIFY_REPORT_KEYS)
+    tgt = parse_target({k: v for k, v in read_json_object(out / TARGET_JSON).items() if k != "path"}, out / TARGET_JSON)
     ckpt = Path(checkpoint) if checkpoint is not None else Path(manifest["inputs"]["teacher"])
+    ep_dir = Path(episodes) if episodes is not None else Path(report["episodes"]["path"])
+    # verify rewrites the reports inside the artifact: it must not be (or lie inside) the teacher or the episodes.
+    check_paths(out, inputs=[("teacher checkpoint", ckpt), ("episodes", ep_dir)], option="ARTIFACT", replaced=False)
+    onnx_path = out / str(report["student"]["onnx"])
+    if not onnx_path.is_file():
+        raise ArtifactError(f"report.json names the student graph {onnx_path.name}, which is missing", source=out,
+                            hint="the artifact is incomplete: rebuild it with `vlacompile build`")
+
     teacher = load_policy(ckpt, tokenizer=manifest["inputs"].get("tokenizer"), allow_unnormalized=bool(manifest["inputs"].get("allow_unnormalized")))
     if teacher.meta["weights_sha256"] != manifest["inputs"]["teacher_weights_sha256"]:
         raise CheckpointError(
@@ -755,7 +780,6 @@ def verify_artifact(
             source=ckpt,
             hint=f"pass --checkpoint with the teacher whose model.safetensors has sha256 {manifest['inputs']['teacher_weights_sha256'][:16]}...",
         )
-    ep_dir = Path(episodes) if episodes is not None else Path(report["episodes"]["path"])
     if episodes_hash(ep_dir) != manifest["inputs"]["episodes_sha256"]:
         raise EpisodeError(
             "are not the episodes this artifact was built from (content hash differs)",
@@ -769,12 +793,15 @@ def verify_artifact(
     if spec_path.is_file():
         from vlacompile.policy import PolicySpec
 
-        spec = PolicySpec.from_dict(json.loads(spec_path.read_text()))
+        try:
+            spec = PolicySpec.from_dict(read_json_object(spec_path))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{STUDENT_SPEC_JSON} is not a policy spec ({e!r})", source=spec_path,
+                                hint="the file was edited or truncated: rebuild the artifact") from None
     else:  # artifacts built before student_spec.json: the teacher's spec with the student's flow steps
         spec = dataclasses.replace(teacher.spec, flow_steps=report["student"]["flow_steps"], head=None)
     student_dir = out / STUDENT_DIR
     student = load_policy(student_dir) if student_dir.is_dir() else None
-    onnx_path = out / report["student"]["onnx"]
     runner, device = _student_runner_for(runtime, out, onnx_path, spec, tgt, log)
 
     with output_lock(out):
