@@ -223,7 +223,7 @@ def build(
     Stage outputs are cached under ``cache_dir`` (default ``$VLACOMPILE_CACHE`` or
     ``~/.cache/vlacompile``; see ``vlacompile.cache``) unless ``use_cache`` is False.
     """
-    from vlacompile.recipes import check_recipe, load_recipe
+    from vlacompile.recipes import check_recipe, check_recipe_teacher, load_recipe
     from vlacompile.targets import load_target
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -251,6 +251,7 @@ def build(
     from vlacompile.data import read_episodes, split_episodes
 
     teacher = load_policy(ckpt, allow_pickle=allow_pickle, tokenizer=tokenizer, allow_unnormalized=allow_unnormalized)
+    check_recipe_teacher(rcp, teacher)
     if tgt.budget.actions_per_chunk > teacher.spec.chunk_size:
         raise ConfigError(
             f"budget.actions_per_chunk={tgt.budget.actions_per_chunk} exceeds the policy's chunk size {teacher.spec.chunk_size}: "
@@ -552,6 +553,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         progress=progress,
         log=log,
         cache=cache,
+        flow_trained=_flow_trained(artifact.records),
     )
     if _decode_note(decoded):
         log("verify: held-out episodes" + _decode_note(decoded))
@@ -630,6 +632,11 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         "tool_versions": manifest["tool_versions"],
         "notes": notes + result.get("notes", []),
     }
+
+
+def _flow_trained(records) -> bool:
+    """Whether a stage trained the student by flow matching on the teacher's chunks (its own head)."""
+    return any(isinstance(r, dict) and r.get("objective") == "flow" for r in records or [])
 
 
 def _format_info(policy) -> dict[str, Any]:
@@ -809,6 +816,7 @@ def verify_artifact(
             teacher, onnx_path, held_out, tgt, student_policy=student,
             student_precision=report["student"]["precision"], calls=calls, seed=manifest["seed"],
             progress=progress, log=log, student_runner=runner, on_device=device,
+            flow_trained=_flow_trained(report.get("stages")),
         )
         # Gates from the build that verify does not recompute (static readiness, closed loop) still count.
         kept = [g for g in report["gates"]["gates"] if g["name"] in ("tensorrt_readiness", "closed_loop_success_drop")]
