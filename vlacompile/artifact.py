@@ -46,6 +46,8 @@ REPORT_KEYS = ("schema_version", "target", "status", "gates.gates")
 # verify rewrites the report from these; diff and --baseline compare (and gate on) these.
 VERIFY_REPORT_KEYS = (*REPORT_KEYS, "student.onnx", "student.precision", "student.flow_steps", "episodes.path")
 COMPARE_REPORT_KEYS = (*REPORT_KEYS, "accuracy.nmse_vs_teacher")
+# `vlacompile report` prints the summary and exits with the build's code.
+SUMMARY_REPORT_KEYS = (*COMPARE_REPORT_KEYS, "student.onnx", "exit_code")
 
 
 def onnx_files(path: Path) -> list[Path]:

@@ -203,8 +203,8 @@ _KEY_NAME = re.compile(r"[0-9a-f]{8,64}")  # entry directories are named by thei
 
 def check_cache_root(root: str | Path, option: str = "--cache-dir") -> None:
     """For `cache ls` / `cache prune`: ``root`` is a stage cache (or does not exist yet). A file, or a
-    directory holding files of its own (a checkpoint, a dataset, a home directory), is refused: prune
-    deletes the directories in it."""
+    directory holding anything but entries (a checkpoint, a dataset, a home directory), is refused:
+    prune deletes the directories in it."""
     from vlacompile.errors import OutputError
 
     root = Path(root).expanduser()
@@ -212,9 +212,10 @@ def check_cache_root(root: str | Path, option: str = "--cache-dir") -> None:
         raise OutputError("is a file, not a stage cache directory", source=root,
                           hint=f"pass {option} with the cache directory builds use (default ~/.cache/vlacompile)")
     if root.is_dir():
-        stray = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and not p.is_dir())
+        stray = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and not (
+            p.is_dir() and ((p / ENTRY_META).is_file() or _KEY_NAME.fullmatch(p.name))))
         if stray:
-            raise OutputError(f"is not a vlacompile stage cache: it holds files of its own ({', '.join(stray[:3])}"
+            raise OutputError(f"is not a vlacompile stage cache: it holds what no build wrote ({', '.join(stray[:3])}"
                               + (", ..." if len(stray) > 3 else "") + ")", source=root,
                               hint=f"pass {option} with the cache directory builds use (default ~/.cache/vlacompile)")
 

@@ -53,7 +53,8 @@ def _writable_parent(path: Path, option: str) -> None:
         raise OutputError(f"cannot be created: {parent} is not writable", source=path, hint=f"pass {option} on a writable path")
 
 
-def check_output_dir(out: str | Path, *, inputs: Inputs = (), option: str = "--out", replaced: bool = True) -> Path:
+def check_output_dir(out: str | Path, *, inputs: Inputs = (), option: str = "--out", replaced: bool = True,
+                     hint: str | None = None) -> Path:
     """A directory the command writes: refused when it is a file, the file system root, the working
     directory or one holding it (``replaced``: the command renames it), an input, inside an input,
     or (``replaced``) one that holds an input. Returns the resolved path."""
@@ -80,7 +81,8 @@ def check_output_dir(out: str | Path, *, inputs: Inputs = (), option: str = "--o
             raise OutputError(
                 f"{rel} the {what} ({given}), which {effect}",
                 source=out,
-                hint=f"pass {option} with a directory outside every input (checkpoint, tokenizer, episodes, baseline, recipe, target)",
+                hint=hint or f"pass {option} with a directory outside every input (checkpoint, tokenizer, episodes, baseline, recipe, "
+                             "target)",
             )
     return real
 

@@ -242,7 +242,7 @@ def build(
     ep_dir = (Path(episodes) if episodes is not None else DEMO_EPISODES).absolute()
     # Every path written is checked against every input before anything is read: a build replaces
     # its output directory as a whole, so an --out over an input would delete it.
-    inputs = [("teacher checkpoint", ckpt), ("tokenizer", tokenizer), ("episodes", ep_dir), ("baseline", baseline),
+    inputs = [("teacher checkpoint", ckpt), ("tokenizer", tokenizer), ("episodes directory", ep_dir), ("baseline", baseline),
               ("recipe", rcp.path or None), ("target profile", tgt.path or None)]
     _check_build_paths(out_dir if stop_after is None else None, junit, cache_dir if use_cache else None, inputs)
     baseline_report = load_report(baseline, for_baseline=True) if baseline is not None else None
@@ -329,12 +329,12 @@ def _check_build_paths(out_dir: Path | None, junit, cache_dir, inputs: list) -> 
 
 
 def load_report(path: str | Path, *, for_baseline: bool = False) -> dict[str, Any]:
-    """A build's report.json, from its directory or the file itself; a clear error otherwise.
-    ``for_baseline``: it must also hold what the baseline gates compare (a baseline that gates
-    nothing would pass every build)."""
-    from vlacompile.artifact import COMPARE_REPORT_KEYS, REPORT_KEYS, read_report
+    """A build's report.json, from its directory or the file itself, with every section a summary
+    reads; a clear error otherwise. ``for_baseline``: what the baseline gates compare (a baseline
+    that gates nothing would pass every build)."""
+    from vlacompile.artifact import COMPARE_REPORT_KEYS, SUMMARY_REPORT_KEYS, read_report
 
-    return read_report(path, COMPARE_REPORT_KEYS if for_baseline else REPORT_KEYS)
+    return read_report(path, COMPARE_REPORT_KEYS if for_baseline else SUMMARY_REPORT_KEYS)
 
 
 def _judge_against_baseline(report: dict[str, Any], baseline: dict[str, Any], source: Path, log) -> None:
@@ -774,7 +774,9 @@ def verify_artifact(
     ckpt = Path(checkpoint) if checkpoint is not None else Path(manifest["inputs"]["teacher"])
     ep_dir = Path(episodes) if episodes is not None else Path(report["episodes"]["path"])
     # verify rewrites the reports inside the artifact: it must not be (or lie inside) the teacher or the episodes.
-    check_paths(out, inputs=[("teacher checkpoint", ckpt), ("episodes", ep_dir)], option="ARTIFACT", replaced=False)
+    check_paths(out, inputs=[("teacher checkpoint", ckpt), ("episodes directory", ep_dir)], option="ARTIFACT", replaced=False,
+                hint="verify rewrites the artifact's reports: pass --checkpoint and --episodes with the teacher and episodes "
+                     "the artifact was built from, in directories of their own")
     onnx_path = out / str(report["student"]["onnx"])
     if not onnx_path.is_file():
         raise ArtifactError(f"report.json names the student graph {onnx_path.name}, which is missing", source=out,

@@ -167,8 +167,8 @@ def diff_builds(old: str | Path, new: str | Path, *, out: str | Path | None = No
     if out is not None:
         out = Path(out)
         held = [(f"build {p}", f) for p, r in zip((old, new), reports) for f in held_files(p, r)]
-        for path in (out, out.with_name(out.name + ".json")):
-            check_output_file(path, protected=held, option="--out", example="diff.md")
+        check_output_file(out, protected=held, option="--out", example="diff.md")  # first: `.` has no name to add .json to
+        check_output_file(out.with_name(out.name + ".json"), protected=held, option="--out", example="diff.md")
     try:
         diff = diff_reports(*reports)
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # a section of an unexpected shape
