@@ -77,7 +77,8 @@ def _cases(w: dict) -> list[tuple[str, list[str], str]]:
     # build --out: a file, `.`, `..`, and every input (is, inside, holding).
     for name, out in [("file", plain_file), ("dot", "."), ("dotdot", ".."), ("checkpoint", ckpt), ("inside-checkpoint", f"{ckpt}/sub"),
                       ("holds-checkpoint", str(Path(ckpt).parent)), ("episodes", eps), ("inside-episodes", f"{eps}/meta"),
-                      ("tokenizer", tok), ("baseline", built), ("recipe-file", str(w["recipe"])), ("checkpoint-file", f"{ckpt}/config.json")]:
+                      ("tokenizer", tok), ("baseline", built), ("recipe-file", str(w["recipe"])), ("checkpoint-file", f"{ckpt}/config.json"),
+                      ("stage-cache", str(tmp / "cache"))]:
         cases.append((f"build--out={name}", [*build, "--out", out], out))
     # build --junit: a directory, `.`, an input file, a file inside an input.
     out_ok = str(tmp / "never-written")

@@ -318,8 +318,8 @@ def _check_build_paths(out_dir: Path | None, junit, cache_dir, inputs: list) -> 
     """The build's outputs (its directory, the JUnit file, the stage cache) against its inputs, before any work."""
     from vlacompile.outputs import check_cache_dir, check_output_file
 
-    if out_dir is not None:
-        check_output_dir(out_dir, inputs)
+    if out_dir is not None:  # nor over the stage cache, which replacing the output would delete
+        check_output_dir(out_dir, [*inputs, ("stage cache", cache_dir)])
     if junit is not None:
         check_output_file(junit, inputs=inputs, option="--junit", example="gates.xml")
         if out_dir is not None and Path(junit).expanduser().resolve() == out_dir.expanduser().resolve():

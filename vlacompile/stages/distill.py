@@ -133,8 +133,8 @@ def check(params: Params, target, source: str = "recipe") -> None:
             raise ConfigError("distill.objective = \"match\" shares the teacher's noise, which a student built by distill.student "
                               "(its own flow head) cannot take", source=source, hint="use objective = \"auto\" or \"flow\"")
         if params.layers or params.mlp_ratio != 1.0 or params.per_family:
-            raise ConfigError("distill.layers / mlp_ratio / per_family select the teacher's own layers; a student named by "
-                              "distill.student is shaped by it", source=source,
+            raise ConfigError("distill.layers / mlp_ratio / per_family select the teacher's own layers; a freshly initialised "
+                              "student is shaped by distill.student", source=source,
                               hint="remove one of the two: distill.student for a freshly initialised student, or layers / "
                                    "mlp_ratio to slice the teacher")
         get_family(fam).check_student_shape(_shape(params), None, source)
