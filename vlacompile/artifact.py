@@ -128,9 +128,10 @@ def read_json_object(path: Path, *, hint: str = "rebuild the artifact: the file 
 
 
 def check_sections(data: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:
-    """``data`` (a report or manifest) has the schema this vlacompile reads and every key in ``keys``."""
+    """``data`` (a report or manifest) has the schema this vlacompile reads (when it names one, or
+    ``keys`` require it) and every key in ``keys``."""
     version = data.get("schema_version")
-    if "schema_version" in keys and (not isinstance(version, str) or version.split(".")[0] != SCHEMA_MAJOR):
+    if ("schema_version" in keys or version is not None) and (not isinstance(version, str) or version.split(".")[0] != SCHEMA_MAJOR):
         raise ArtifactError(
             f"{path.name} has schema_version {version!r}; this vlacompile reads {SCHEMA_MAJOR}.x",
             source=path,

@@ -112,20 +112,22 @@ def detect_checkpoint(raw: dict[str, Any], names: list[str] | None, ckpt: Path) 
     not contradict. Weights of a registered family under a config.json that names another family
     (or one vlacompile does not know) are refused naming both, before any family-specific check."""
     by_weights = family_of_weights(names or [])
+    other = get_family(by_weights) if by_weights is not None else None
+    prefix = next((p for p in WEIGHT_PREFIXES.get(by_weights, ()) if any(n.startswith(p) for n in names or [])), "")
     try:
         family = detect(raw, ckpt / "config.json")
-    except CheckpointError:
-        if by_weights is None:
+    except CheckpointError as err:
+        if other is None:
             raise
-        family = None
-    if by_weights is None or (family is not None and by_weights == family.name):
+        # config.json names a family vlacompile does not compile: say so, and what the weights are.
+        raise CheckpointError(f"{err.message}; its weights, though, are a {other.label} policy's (tensors {prefix}*)",
+                              source=err.source, hint=f"{err.hint}; or, if config.json was copied from another policy, restore the "
+                              f"{other.label} config.json saved with these weights") from None
+    if other is None or by_weights == family.name:
         return family
-    other = get_family(by_weights)
     said = f'"type": "{raw["type"]}"' if isinstance(raw.get("type"), str) else f'"model_type": "{raw.get("model_type")}"'
-    label = family.label if family is not None else LEROBOT_TYPES.get(str(raw.get("type")), "no family vlacompile compiles")
-    prefix = next(p for p in WEIGHT_PREFIXES[by_weights] if any(n.startswith(p) for n in names or []))
     raise CheckpointError(
-        f"config.json says {said} ({label}), but the weights are a {other.label} policy's (tensors {prefix}*)",
+        f"config.json says {said} ({family.label}), but the weights are a {other.label} policy's (tensors {prefix}*)",
         source=ckpt / "config.json",
         hint="config.json and the weights come from different policies: restore the config.json saved with these weights "
              f"(a {other.label} one), or pass the directory of the policy config.json describes",

@@ -230,21 +230,21 @@ def build_artifact_engines(artifact_dir: str | Path, *, workspace_mb: int = 4096
     if not artifact_dir.is_dir():
         raise ArtifactError("is not a directory" if artifact_dir.exists() else "no such artifact directory", source=artifact_dir,
                             hint="pass the output directory of `vlacompile build`")
-    # Read (and checked) before TensorRT is imported: a damaged artifact is the user's to hear first.
-    manifest = read_manifest(artifact_dir, keys=("schema_version", "onnx", "precision"))
+    # Read (and checked) before TensorRT is imported: a damaged manifest is the user's to hear first.
+    manifest = read_manifest(artifact_dir, keys=("onnx", "precision"))
     precision = manifest["precision"]
     graphs = [str(manifest["onnx"])]
     if (artifact_dir / SPLIT_JSON).is_file():
         split = read_split_manifest(artifact_dir)
         graphs += [str(split[part]["onnx"]) for part in ("system2", "system1")]
-    missing = [g for g in graphs if not (artifact_dir / g).is_file()]
-    if missing:
-        raise ArtifactError(f"the graphs {missing} named by manifest.json / split.json are missing", source=artifact_dir,
-                            hint="the artifact is incomplete: rebuild it with `vlacompile build`")
     if timing_cache is not None and not Path(timing_cache).is_file():  # written after the build: check the path now
         check_output_file(timing_cache, option="--timing-cache", example="timing.cache",
                           protected=[("artifact", artifact_dir / g) for g in graphs])
     trt = import_tensorrt()
+    missing = [g for g in graphs if not (artifact_dir / g).is_file()]
+    if missing:
+        raise ArtifactError(f"the graphs {missing} named by manifest.json / split.json are missing", source=artifact_dir,
+                            hint="the artifact is incomplete: rebuild it with `vlacompile build`")
     built = {}
     for name in graphs:
         onnx_path = artifact_dir / name
