@@ -11,6 +11,11 @@
 
 ``graph_files`` lists the files of an exported graph set (single graph, split graphs, split.json),
 which is what the stage cache stores and restores as one unit.
+
+This module is also the one reader of an artifact's ``manifest.json`` and ``report.json`` (for
+verify, engine, report, report diff and --baseline): a missing, truncated or edited file, one of
+another schema, or one that lacks a section the caller reads is an ``ArtifactError`` naming the
+file and the keys, never a KeyError or JSONDecodeError.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlacompile.errors import CheckpointError
+from vlacompile.errors import ArtifactError, CheckpointError
 
 STUDENT_ONNX = "student.onnx"
 SPLIT_NAMES = {"system2": "system2.onnx", "system1": "system1.onnx"}
@@ -32,6 +37,17 @@ RECIPE_JSON = "recipe.json"
 REPORT_FILES = ("report.json", "report.md", "report.html")
 ENGINE_JSON = "engine.json"
 SPLIT_FORMAT = 2
+SCHEMA_MAJOR = "1"  # report.json / manifest.json schema_version "1.x" is what this vlacompile writes and reads
+
+# What each reader needs (dotted paths), checked when the file is read.
+MANIFEST_KEYS = ("schema_version", "inputs.teacher", "inputs.teacher_weights_sha256", "inputs.episodes_sha256", "seed", "onnx",
+                 "precision")
+REPORT_KEYS = ("schema_version", "target", "status", "gates.gates")
+# verify rewrites the report from these; diff and --baseline compare (and gate on) these.
+VERIFY_REPORT_KEYS = (*REPORT_KEYS, "student.onnx", "student.precision", "student.flow_steps", "episodes.path")
+COMPARE_REPORT_KEYS = (*REPORT_KEYS, "accuracy.nmse_vs_teacher")
+# `vlacompile report` prints the summary and exits with the build's code.
+SUMMARY_REPORT_KEYS = (*COMPARE_REPORT_KEYS, "student.onnx", "exit_code")
 
 
 def onnx_files(path: Path) -> list[Path]:
@@ -107,9 +123,88 @@ def student_spec_dict(spec, out_dir: Path) -> dict[str, Any]:
 
 def read_student_spec(path: Path) -> dict[str, Any]:
     """``student_spec.json`` with a relative tokenizer directory resolved against the artifact."""
-    d = json.loads(Path(path).read_text())
+    d = read_json_object(Path(path))
     tok = (d.get("processor") or {}).get("tokenizer_dir")
     if tok and not Path(tok).is_absolute():
         d["processor"] = {**d["processor"], "tokenizer_dir": str(Path(path).parent / tok)}
     return d
 
+
+def _get(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def read_json_object(path: Path, *, hint: str = "rebuild the artifact: the file is truncated or was edited") -> dict[str, Any]:
+    """An artifact's JSON file as a dict; a missing, unreadable or non-object file is an ArtifactError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"no {path.name}" + (" (it is a directory)" if path.is_dir() else ""), source=path.parent,
+                            hint="pass a directory written by `vlacompile build`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path.name} cannot be read ({e})", source=path, hint=hint) from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path.name} holds a JSON {type(data).__name__}, not an object", source=path, hint=hint)
+    return data
+
+
+def check_sections(data: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:
+    """``data`` (a report or manifest) has the schema this vlacompile reads (when it names one, or
+    ``keys`` require it) and every key in ``keys``."""
+    version = data.get("schema_version")
+    if ("schema_version" in keys or version is not None) and (not isinstance(version, str) or version.split(".")[0] != SCHEMA_MAJOR):
+        raise ArtifactError(
+            f"{path.name} has schema_version {version!r}; this vlacompile reads {SCHEMA_MAJOR}.x",
+            source=path,
+            hint="compare builds made by the same vlacompile major version: rebuild the older one with this vlacompile",
+        )
+    missing = [k for k in keys if _get(data, k) is None]
+    if missing:
+        raise ArtifactError(f"{path.name} lacks {missing}", source=path,
+                            hint="the file is truncated, was edited, or is not one `vlacompile build` wrote: rebuild the artifact")
+    gates = _get(data, "gates.gates")
+    if gates is not None and (not isinstance(gates, list) or not all(isinstance(g, dict) and "name" in g and "status" in g for g in gates)):
+        raise ArtifactError(f"{path.name}'s gates.gates is not a list of {{name, status, ...}} gates", source=path,
+                            hint="the file was edited or is not one `vlacompile build` wrote: rebuild the artifact")
+    files = _get(data, "artifact.files")
+    if files is not None and (not isinstance(files, list) or not all(isinstance(f, dict) and "path" in f and "sha256" in f for f in files)):
+        raise ArtifactError(f"{path.name}'s artifact.files is not a list of {{path, sha256}}", source=path,
+                            hint="the file was edited or is not one `vlacompile build` wrote: rebuild the artifact")
+
+
+def read_manifest(directory: str | Path, keys: tuple[str, ...] = MANIFEST_KEYS) -> dict[str, Any]:
+    """An artifact's manifest.json, checked for the schema and ``keys``."""
+    path = Path(directory) / MANIFEST_JSON
+    data = read_json_object(path)
+    check_sections(data, keys, path)
+    return data
+
+
+def report_path(path: str | Path) -> Path:
+    """report.json of a build directory, or the file itself."""
+    path = Path(path)
+    return path / "report.json" if path.is_dir() else path
+
+
+def read_report(path: str | Path, keys: tuple[str, ...] = REPORT_KEYS) -> dict[str, Any]:
+    """A build's report.json (from its directory or the file), checked for the schema and ``keys``."""
+    file = report_path(path)
+    if not file.is_file():
+        raise ArtifactError("no report.json here", source=path, hint="pass a directory written by `vlacompile build` (or its report.json)")
+    data = read_json_object(file)
+    check_sections(data, keys, file)
+    return data
+
+
+def held_files(path: str | Path, report: dict[str, Any]) -> list[Path]:
+    """The files a build directory holds according to its report (its artifact files, the reports, the
+    manifest): what a command that takes the build as an input must not overwrite."""
+    file = report_path(path)
+    root = file.parent
+    names = {f["path"] for f in _get(report, "artifact.files") or []} | set(REPORT_FILES) | {MANIFEST_JSON, TARGET_JSON, RECIPE_JSON}
+    return [file, *(root / n for n in sorted(names))]

@@ -198,6 +198,28 @@ def stage_keys(root: str, stages, target, versions: dict[str, str]) -> list[str]
     return keys
 
 
+_KEY_NAME = re.compile(r"[0-9a-f]{8,64}")  # entry directories are named by their key (a sha256 hex digest)
+
+
+def check_cache_root(root: str | Path, option: str = "--cache-dir") -> None:
+    """For `cache ls` / `cache prune`: ``root`` is a stage cache (or does not exist yet). A file, or a
+    directory holding anything but entries (a checkpoint, a dataset, a home directory), is refused:
+    prune deletes the directories in it."""
+    from vlacompile.errors import OutputError
+
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise OutputError("is a file, not a stage cache directory", source=root,
+                          hint=f"pass {option} with the cache directory builds use (default ~/.cache/vlacompile)")
+    if root.is_dir():
+        stray = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and not (
+            p.is_dir() and ((p / ENTRY_META).is_file() or _KEY_NAME.fullmatch(p.name))))
+        if stray:
+            raise OutputError(f"is not a vlacompile stage cache: it holds what no build wrote ({', '.join(stray[:3])}"
+                              + (", ..." if len(stray) > 3 else "") + ")", source=root,
+                              hint=f"pass {option} with the cache directory builds use (default ~/.cache/vlacompile)")
+
+
 @dataclass
 class Entry:
     key: str
@@ -402,6 +424,8 @@ class StageCache:
         now = time.time()
         removed = []
         for e in self.entries():
+            if e.stage == "(incomplete)" and not _KEY_NAME.fullmatch(e.key):
+                continue  # not named like an entry: nothing a build wrote, so nothing prune may delete
             if older_than_s is None or now - e.last_used > older_than_s:
                 shutil.rmtree(e.path, ignore_errors=True)
                 removed.append(e)

@@ -122,6 +122,25 @@ def read_weights(ckpt: Path, *, allow_pickle: bool = False) -> tuple[dict[str, t
     return state, [pickles[0]]
 
 
+def weight_names(ckpt: Path) -> list[str] | None:
+    """The tensor names of a checkpoint's safetensors weights, read from the headers only (cheap);
+    None when they cannot be listed (pickle weights, a damaged file: reported when the weights load)."""
+    try:
+        single = ckpt / WEIGHTS_NAME
+        if single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), "np") as f:
+                return list(f.keys())
+        index = ckpt / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            return [str(k) for k in weight_map] if isinstance(weight_map, dict) else None
+    except Exception:  # noqa: BLE001 - any damage is reported, with its own message, by read_weights
+        return None
+    return None
+
+
 def weights_digest(files: list[Path]) -> str:
     """sha256 of the weights: the file's own for one file, of the shard hashes in order for several."""
     if len(files) == 1:
@@ -184,14 +203,16 @@ def load_policy(checkpoint: str | Path, *, allow_pickle: bool = False, tokenizer
     SmolVLA checkpoints, the lerobot release the policy is run with ("0.4", "0.6.1", ...), whose
     semantics it is compiled with; None detects it where the checkpoint says, and refuses where it
     does not and it matters."""
-    from vlacompile.families import detect
+    from vlacompile.families import detect_checkpoint
 
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
         raise CheckpointError(
             "checkpoint directory not found", source=ckpt, hint="pass --checkpoint DIR with config.json and model.safetensors"
         )
-    family = detect(read_config(ckpt), ckpt / CONFIG_NAME)
+    # config.json's family, checked against the weights' tensor names before any family reads a file:
+    # a config.json copied from another policy is named as such, not blamed on its processor files.
+    family = detect_checkpoint(read_config(ckpt), weight_names(ckpt), ckpt)
     extra: dict = {}
     if lerobot_version is not None:
         if family.name != "smolvla":

@@ -15,6 +15,23 @@ def _fail(err: VlaCompileError) -> None:
     sys.exit(err.exit_code)
 
 
+class _Main(click.Group):
+    """The command group, with the safety net every verb shares: an input error raised anywhere
+    (also outside a verb's own try) ends as `error: SOURCE: message` + `Hint:` and exit 2, and an
+    operating-system error on a path (permission, a file where a directory belongs, a full disk)
+    names that path instead of ending in a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except VlaCompileError as err:
+            _fail(err)
+        except OSError as err:
+            where = err.filename if err.filename is not None else "file system"
+            _fail(VlaCompileError(err.strerror or str(err), source=where,
+                                  hint="check that path: it must exist and be readable (inputs) or writable, with free space (outputs)"))
+
+
 def _camera_map(pairs: tuple[str, ...]) -> dict[str, str] | None:
     out = {}
     for pair in pairs:
@@ -30,7 +47,7 @@ def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vlacompile")
 def main() -> None:
     """Compile a Vision-Language-Action policy for a robot's computer and verify it against its teacher.
@@ -203,33 +220,26 @@ def report(args: tuple[str, ...], as_json: bool, diff_out: Path | None) -> None:
     if len(args) != 1:
         raise click.UsageError("usage: vlacompile report ARTIFACT  (or: vlacompile report diff OLD NEW)")
     artifact = Path(args[0])
+    from vlacompile.pipeline import load_report
     from vlacompile.report import summarize
 
-    path = artifact / "report.json"
-    if not path.is_file():
-        click.echo(f"error: {path}: no report.json\nHint: pass a directory written by `vlacompile build`", err=True)
-        sys.exit(EXIT_INPUT_ERROR)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        click.echo(f"error: {path}: not valid JSON ({e})\nHint: rebuild the artifact", err=True)
-        sys.exit(EXIT_INPUT_ERROR)
+        data = load_report(artifact)
+    except VlaCompileError as err:
+        _fail(err)
     click.echo(json.dumps(data, indent=2) if as_json else summarize(data))
-    sys.exit(int(data.get("exit_code", 0)))
+    code = data.get("exit_code", 0)
+    sys.exit(code if isinstance(code, int) and code in (0, 1, 3) else 1)
 
 
 def _report_diff(old: Path, new: Path, as_json: bool, out: Path | None) -> None:
-    from vlacompile.pipeline import load_report
-    from vlacompile.report.diff import baseline_gates, diff_reports, render_diff_markdown
+    from vlacompile.report.diff import baseline_gates, diff_builds, render_diff_markdown
 
     try:
-        diff = diff_reports(load_report(old), load_report(new))
+        diff = diff_builds(old, new, out=out)
     except VlaCompileError as err:
         _fail(err)
     text = json.dumps(diff, indent=2) if as_json else render_diff_markdown(diff)
-    if out is not None:
-        out.write_text(render_diff_markdown(diff))
-        out.with_name(out.name + ".json").write_text(json.dumps(diff, indent=2) + "\n")
     click.echo(text)
     sys.exit(1 if any(g["status"] == "fail" for g in baseline_gates(diff, str(old))) else 0)
 
@@ -240,9 +250,11 @@ def cache() -> None:
 
 
 def _stage_cache(cache_dir: Path | None):
-    from vlacompile.cache import StageCache, default_cache_dir
+    from vlacompile.cache import StageCache, check_cache_root, default_cache_dir
 
-    return StageCache(cache_dir if cache_dir is not None else default_cache_dir())
+    root = cache_dir if cache_dir is not None else default_cache_dir()
+    check_cache_root(root, option="--cache-dir" if cache_dir is not None else "VLACOMPILE_CACHE / ~/.cache/vlacompile")
+    return StageCache(root)
 
 
 def _age(seconds: float) -> str:

@@ -15,7 +15,11 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError("file not found", source=path) from None
+        raise ConfigError("file not found", source=path,
+                          hint="check the path; a shipped recipe or target is passed by name, without .toml "
+                               "(`vlacompile targets` lists the targets, recipes/ the recipes)") from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a TOML file", source=path, hint="pass the path of the .toml file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"not valid TOML ({e})", source=path, hint="fix the syntax at the position given") from None
 
@@ -102,7 +106,8 @@ def from_dict(cls: type, data: Any, source: str | Path, where: str = "") -> Any:
     source = str(source)
     label = where or cls.__name__
     if not isinstance(data, dict):
-        raise ConfigError(f"{label} must be a table, got {data!r}", source=source)
+        raise ConfigError(f"{label} must be a table, got {data!r}", source=source,
+                          hint=f"write it as a TOML table: [{label}] with key = value lines, or {label} = {{ key = value }}")
     hints = typing.get_type_hints(cls)
     flds = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(str(k) for k in set(data) - set(flds))
@@ -116,10 +121,34 @@ def from_dict(cls: type, data: Any, source: str | Path, where: str = "") -> Any:
     for name, f in flds.items():
         key = f"{where}.{name}" if where else name
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], key, source)
+            try:
+                kwargs[name] = _coerce(data[name], hints[name], key, source)
+            except ConfigError as e:  # the type's own message, with the key's default as the example
+                if e.hint is not None:
+                    raise
+                raise ConfigError(e.message, source=e.source, hint=_example(key, f)) from None
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {key!r}", source=source)
+            raise ConfigError(f"missing required key {key!r}", source=source,
+                              hint=f"add {key.rsplit('.', 1)[-1]} = ... ({_type_name(hints[name])}) to the {label} table")
     return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _example(key: str, f: dataclasses.Field) -> str:
+    """A hint for a value of the wrong type: the key's default, written as TOML."""
+    import json
+
+    name = key.rsplit(".", 1)[-1]
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    if dataclasses.is_dataclass(default):
+        default = to_dict(default)
+    if default is None or default == {} or default == ():
+        return f"see the shipped recipes/*.toml and targets/*.toml for {name}'s form"
+    return f"e.g. {name} = {json.dumps(to_dict(default))} (its default)"
 
 
 def to_dict(obj: Any) -> Any:

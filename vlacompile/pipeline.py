@@ -62,10 +62,12 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail before any work if the output cannot be written (read-only path, a file in the way)."""
-    if out.exists() and not out.is_dir():
-        raise OutputError("exists and is not a directory", source=out, hint="pass --out with a directory path")
+def check_output_dir(out: Path, inputs=()) -> None:
+    """Fail before any work if the output cannot be written (read-only path, a file in the way) or
+    must not be (an input, inside one or holding one, the working directory: ``vlacompile.outputs``)."""
+    from vlacompile.outputs import check_output_dir as check_paths
+
+    check_paths(out, inputs=inputs)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +226,7 @@ def build(
     Stage outputs are cached under ``cache_dir`` (default ``$VLACOMPILE_CACHE`` or
     ``~/.cache/vlacompile``; see ``vlacompile.cache``) unless ``use_cache`` is False.
     """
-    from vlacompile.recipes import check_recipe, load_recipe
+    from vlacompile.recipes import check_recipe, check_recipe_teacher, load_recipe
     from vlacompile.targets import load_target
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -239,15 +241,21 @@ def build(
         rcp = replace(rcp, closed_loop=None)
     skipped_closed_loop = None
     out_dir = Path(out) if out is not None else Path("build") / tgt.name
-    check_output_dir(out_dir)
-    baseline_report = load_report(baseline) if baseline is not None else None  # read now: out may be the same directory
+    ckpt = (Path(checkpoint) if checkpoint is not None else DEMO_TEACHER).absolute()
+    ep_dir = (Path(episodes) if episodes is not None else DEMO_EPISODES).absolute()
+    # Every path written is checked against every input before anything is read: a build replaces
+    # its output directory as a whole, so an --out over an input would delete it.
+    inputs = [("teacher checkpoint", ckpt), ("tokenizer", tokenizer), ("episodes directory", ep_dir), ("baseline", baseline),
+              ("recipe", rcp.path or None), ("target profile", tgt.path or None)]
+    _check_build_paths(out_dir if stop_after is None else None, junit, cache_dir if use_cache else None, inputs)
+    baseline_report = load_report(baseline, for_baseline=True) if baseline is not None else None
 
     from vlacompile.checkpoint import load_policy
     from vlacompile.data import read_episodes, split_episodes
 
-    ckpt = (Path(checkpoint) if checkpoint is not None else DEMO_TEACHER).absolute()
     teacher = load_policy(ckpt, allow_pickle=allow_pickle, tokenizer=tokenizer, allow_unnormalized=allow_unnormalized,
                           lerobot_version=lerobot_version)
+    check_recipe_teacher(rcp, teacher)
     if tgt.budget.actions_per_chunk > teacher.spec.chunk_size:
         raise ConfigError(
             f"budget.actions_per_chunk={tgt.budget.actions_per_chunk} exceeds the policy's chunk size {teacher.spec.chunk_size}: "
@@ -255,7 +263,6 @@ def build(
             source=tgt.path,
             hint="lower actions_per_chunk in the target profile or use a policy with longer chunks",
         )
-    ep_dir = (Path(episodes) if episodes is not None else DEMO_EPISODES).absolute()
     selection = {k: v for k, v in (("camera_map", camera_map), ("state_names", state_names), ("action_names", action_names)) if v}
     es = read_episodes(ep_dir, **selection)
     check_episodes_match(es, teacher.spec, ep_dir)
@@ -311,19 +318,27 @@ def build(
     return BuildResult(out_dir=out_dir, report=report)
 
 
-def load_report(path: str | Path) -> dict[str, Any]:
-    """A build's report.json, from its directory or the file itself; a clear error otherwise."""
-    path = Path(path)
-    file = path / "report.json" if path.is_dir() else path
-    if not file.is_file():
-        raise OutputError("no report.json here", source=path, hint="pass a directory written by `vlacompile build` (or its report.json)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OutputError(f"report.json cannot be read ({exc})", source=file, hint="rebuild that artifact") from None
-    if not isinstance(data, dict) or "gates" not in data:
-        raise OutputError("not a vlacompile report (no gates)", source=file, hint="pass a report.json written by `vlacompile build`")
-    return data
+def _check_build_paths(out_dir: Path | None, junit, cache_dir, inputs: list) -> None:
+    """The build's outputs (its directory, the JUnit file, the stage cache) against its inputs, before any work."""
+    from vlacompile.outputs import check_cache_dir, check_output_file
+
+    if out_dir is not None:  # nor over the stage cache, which replacing the output would delete
+        check_output_dir(out_dir, [*inputs, ("stage cache", cache_dir)])
+    if junit is not None:
+        check_output_file(junit, inputs=inputs, option="--junit", example="gates.xml")
+        if out_dir is not None and Path(junit).expanduser().resolve() == out_dir.expanduser().resolve():
+            raise OutputError("is the output directory", source=junit, hint="pass --junit with a file path, e.g. gates.xml")
+    if cache_dir is not None:
+        check_cache_dir(cache_dir, inputs=inputs)
+
+
+def load_report(path: str | Path, *, for_baseline: bool = False) -> dict[str, Any]:
+    """A build's report.json, from its directory or the file itself, with every section a summary
+    reads; a clear error otherwise. ``for_baseline``: what the baseline gates compare (a baseline
+    that gates nothing would pass every build)."""
+    from vlacompile.artifact import COMPARE_REPORT_KEYS, SUMMARY_REPORT_KEYS, read_report
+
+    return read_report(path, COMPARE_REPORT_KEYS if for_baseline else SUMMARY_REPORT_KEYS)
 
 
 def _judge_against_baseline(report: dict[str, Any], baseline: dict[str, Any], source: Path, log) -> None:
@@ -544,6 +559,7 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         progress=progress,
         log=log,
         cache=cache,
+        flow_trained=_flow_trained(artifact.records),
     )
     if _decode_note(decoded):
         log("verify: held-out episodes" + _decode_note(decoded))
@@ -638,6 +654,11 @@ def _student_save_notes(student, log) -> list[str]:
                      "the per-layer sizes)")
         log(f"warning: {notes[-1]}")
     return notes
+
+
+def _flow_trained(records) -> bool:
+    """Whether a stage trained the student by flow matching on the teacher's chunks (its own head)."""
+    return any(isinstance(r, dict) and r.get("objective") == "flow" for r in records or [])
 
 
 def _format_info(policy) -> dict[str, Any]:
@@ -760,18 +781,31 @@ def verify_artifact(
     from vlacompile.verify.gates import verdict
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = Path(out_dir)
+    from vlacompile.artifact import TARGET_JSON, VERIFY_REPORT_KEYS, read_json_object, read_manifest, read_report
+    from vlacompile.errors import ArtifactError
+    from vlacompile.outputs import check_output_dir as check_paths
+
     if runtime not in RUNTIMES:
         raise OutputError(f"unknown runtime {runtime!r}", source="--runtime", hint=f"choose one of {', '.join(RUNTIMES)}")
-    try:
-        report = json.loads((out / "report.json").read_text())
-        manifest = json.loads((out / "manifest.json").read_text())
-        target_data = json.loads((out / "target.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise OutputError(f"not a complete vlacompile artifact ({e})", source=out, hint="pass a directory written by `vlacompile build`") from None
-    tgt = parse_target({k: v for k, v in target_data.items() if k != "path"}, out / "target.json")
-
+    if not Path(out_dir).is_dir():
+        raise ArtifactError("is not a directory" if Path(out_dir).exists() else "no such artifact directory", source=out_dir,
+                            hint="pass the output directory of `vlacompile build`")
+    # Resolved: `verify .` inside the artifact writes its temporary files and lock beside it, not in it.
+    out = Path(out_dir).resolve()
+    manifest = read_manifest(out)
+    report = read_report(out, VERIFY_REPORT_KEYS)
+    tgt = parse_target({k: v for k, v in read_json_object(out / TARGET_JSON).items() if k != "path"}, out / TARGET_JSON)
     ckpt = Path(checkpoint) if checkpoint is not None else Path(manifest["inputs"]["teacher"])
+    ep_dir = Path(episodes) if episodes is not None else Path(report["episodes"]["path"])
+    # verify rewrites the reports inside the artifact: it must not be (or lie inside) the teacher or the episodes.
+    check_paths(out, inputs=[("teacher checkpoint", ckpt), ("episodes directory", ep_dir)], option="ARTIFACT", replaced=False,
+                hint="verify rewrites the artifact's reports: pass --checkpoint and --episodes with the teacher and episodes "
+                     "the artifact was built from, in directories of their own")
+    onnx_path = out / str(report["student"]["onnx"])
+    if not onnx_path.is_file():
+        raise ArtifactError(f"report.json names the student graph {onnx_path.name}, which is missing", source=out,
+                            hint="the artifact is incomplete: rebuild it with `vlacompile build`")
+
     teacher = load_policy(ckpt, tokenizer=manifest["inputs"].get("tokenizer"), allow_unnormalized=bool(manifest["inputs"].get("allow_unnormalized")),
                           lerobot_version=lerobot_version or manifest["inputs"].get("lerobot_version"))
     if teacher.meta["weights_sha256"] != manifest["inputs"]["teacher_weights_sha256"]:
@@ -780,7 +814,6 @@ def verify_artifact(
             source=ckpt,
             hint=f"pass --checkpoint with the teacher whose model.safetensors has sha256 {manifest['inputs']['teacher_weights_sha256'][:16]}...",
         )
-    ep_dir = Path(episodes) if episodes is not None else Path(report["episodes"]["path"])
     if episodes_hash(ep_dir) != manifest["inputs"]["episodes_sha256"]:
         raise EpisodeError(
             "are not the episodes this artifact was built from (content hash differs)",
@@ -794,12 +827,15 @@ def verify_artifact(
     if spec_path.is_file():
         from vlacompile.policy import PolicySpec
 
-        spec = PolicySpec.from_dict(read_student_spec(spec_path))
+        try:
+            spec = PolicySpec.from_dict(read_student_spec(spec_path))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{STUDENT_SPEC_JSON} is not a policy spec ({e!r})", source=spec_path,
+                                hint="the file was edited or truncated: rebuild the artifact") from None
     else:  # artifacts built before student_spec.json: the teacher's spec with the student's flow steps
         spec = dataclasses.replace(teacher.spec, flow_steps=report["student"]["flow_steps"], head=None)
     student_dir = out / STUDENT_DIR
     student = load_policy(student_dir) if student_dir.is_dir() else None
-    onnx_path = out / report["student"]["onnx"]
     runner, device = _student_runner_for(runtime, out, onnx_path, spec, tgt, log)
 
     with output_lock(out):
@@ -807,6 +843,7 @@ def verify_artifact(
             teacher, onnx_path, held_out, tgt, student_policy=student,
             student_precision=report["student"]["precision"], calls=calls, seed=manifest["seed"],
             progress=progress, log=log, student_runner=runner, on_device=device,
+            flow_trained=_flow_trained(report.get("stages")),
         )
         # Gates from the build that verify does not recompute (static readiness, closed loop) still count.
         kept = [g for g in report["gates"]["gates"] if g["name"] in ("tensorrt_readiness", "closed_loop_success_drop")]

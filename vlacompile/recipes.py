@@ -68,7 +68,7 @@ def list_recipes() -> list[str]:
 def parse_recipe(data: dict, source: str | Path) -> Recipe:
     source = str(source)
     if not isinstance(data, dict):
-        raise ConfigError("a recipe must be a TOML table", source=source)
+        raise ConfigError("a recipe must be a TOML table", source=source, hint="start from a shipped recipe, e.g. recipes/x86-cpu.toml")
     allowed = {"name", "description", "seed", "stages", "closed_loop"}
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -78,11 +78,11 @@ def parse_recipe(data: dict, source: str | Path) -> Recipe:
         raise ConfigError("no [[stages]]", source=source, hint="list the stages in order, e.g. [[stages]] stage = \"export\"")
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}", source=source)
+        raise ConfigError(f"seed must be an integer, got {seed!r}", source=source, hint="e.g. seed = 0 (no quotes)")
     stages = []
     for i, raw in enumerate(stages_raw):
         if not isinstance(raw, dict):
-            raise ConfigError(f"stages[{i}] must be a table", source=source)
+            raise ConfigError(f"stages[{i}] must be a table", source=source, hint="write each stage as a [[stages]] table with stage = \"...\"")
         raw = dict(raw)
         name = raw.pop("stage", None)
         if name not in STAGES:
@@ -103,8 +103,10 @@ def parse_recipe(data: dict, source: str | Path) -> Recipe:
             raise ConfigError(f"closed_loop.suite {closed_loop.suite!r} is unknown", source=source, hint=f"known suites: {sorted(SUITES)}")
         if closed_loop.episodes_per_task < 1 or not 0 <= closed_loop.max_success_drop <= 1:
             raise ConfigError(
-                "closed_loop needs episodes_per_task >= 1 and max_success_drop in [0, 1]",
+                f"closed_loop needs episodes_per_task >= 1 and max_success_drop in [0, 1], got {closed_loop.episodes_per_task} "
+                f"and {closed_loop.max_success_drop}",
                 source=source,
+                hint="e.g. episodes_per_task = 10, max_success_drop = 0.05",
             )
     return Recipe(
         closed_loop=closed_loop,
@@ -142,3 +144,12 @@ def check_recipe(recipe: Recipe, target) -> None:
         saw_export = saw_export or s.name == "export"
     if not saw_export:
         raise ConfigError("the recipe has no export stage", source=recipe.path or recipe.name, hint="add [[stages]] stage = \"export\"")
+
+
+def check_recipe_teacher(recipe: Recipe, teacher) -> None:
+    """What can be checked only once the teacher is loaded (a distill.student against its chunk and
+    family), still before any work: each stage's optional ``check_teacher(params, teacher, source)``."""
+    for s in recipe.stages:
+        mod = STAGES[s.name].load()
+        if hasattr(mod, "check_teacher"):
+            mod.check_teacher(s.params, teacher, source=recipe.path or recipe.name)

@@ -88,12 +88,15 @@ class TargetProfile:
         for key in ("memory_gb", "memory_bandwidth_gbs"):
             value = getattr(self.device, key)
             if value is not None and not _positive(value):
-                raise ConfigError(f"device.{key} must be a positive number, got {value}", source=src)
+                raise ConfigError(f"device.{key} must be a positive number, got {value}", source=src,
+                                  hint=f"give the device's data-sheet figure, or leave {key} out")
         b = self.budget
         if not _positive(b.control_hz):
-            raise ConfigError(f"budget.control_hz must be positive, got {b.control_hz}", source=src)
+            raise ConfigError(f"budget.control_hz must be positive, got {b.control_hz}", source=src,
+                              hint="set the robot's control rate in Hz, e.g. control_hz = 50")
         if b.actions_per_chunk < 1:
-            raise ConfigError(f"budget.actions_per_chunk must be at least 1, got {b.actions_per_chunk}", source=src)
+            raise ConfigError(f"budget.actions_per_chunk must be at least 1, got {b.actions_per_chunk}", source=src,
+                              hint="set how many actions of each chunk the robot executes before re-planning, e.g. 8")
         if not _positive(b.p99_latency_ms):
             raise ConfigError(
                 f"budget.p99_latency_ms must be positive, got {b.p99_latency_ms}: no model can meet it",
@@ -108,19 +111,24 @@ class TargetProfile:
                 hint="lower p99_latency_ms or execute more actions per chunk",
             )
         if b.memory_mb is not None and not _positive(b.memory_mb):
-            raise ConfigError(f"budget.memory_mb must be positive, got {b.memory_mb}", source=src)
+            raise ConfigError(f"budget.memory_mb must be positive, got {b.memory_mb}", source=src,
+                              hint="set the memory the policy may use in MB, or leave memory_mb out")
         a = self.accuracy
         if not _positive(a.max_nmse):
-            raise ConfigError(f"accuracy.max_nmse must be positive, got {a.max_nmse}: no model can meet it", source=src)
+            raise ConfigError(f"accuracy.max_nmse must be positive, got {a.max_nmse}: no model can meet it", source=src,
+                              hint="e.g. max_nmse = 0.05 (the README's 'Accuracy tolerances' says how to choose it)")
         if not (-1.0 <= a.min_cosine <= 1.0):
-            raise ConfigError(f"accuracy.min_cosine must lie in [-1, 1], got {a.min_cosine}", source=src)
+            raise ConfigError(f"accuracy.min_cosine must lie in [-1, 1], got {a.min_cosine}", source=src, hint="e.g. min_cosine = 0.95")
         if a.min_worst_cosine is not None and not (-1.0 <= a.min_worst_cosine <= 1.0):
-            raise ConfigError(f"accuracy.min_worst_cosine must lie in [-1, 1], got {a.min_worst_cosine}", source=src)
+            raise ConfigError(f"accuracy.min_worst_cosine must lie in [-1, 1], got {a.min_worst_cosine}", source=src,
+                              hint="e.g. min_worst_cosine = 0.0, or leave it out")
         if a.max_abs_error is not None and not _positive(a.max_abs_error):
-            raise ConfigError(f"accuracy.max_abs_error must be positive, got {a.max_abs_error}", source=src)
+            raise ConfigError(f"accuracy.max_abs_error must be positive, got {a.max_abs_error}", source=src,
+                              hint="give it in the robot's action units, or leave it out")
         for prec, tflops in self.device.peak_tflops.items():
             if prec not in PRECISIONS or not _positive(tflops):
-                raise ConfigError(f"device.peak_tflops.{prec}={tflops} is not a positive figure for a known precision", source=src)
+                raise ConfigError(f"device.peak_tflops.{prec}={tflops} is not a positive figure for a known precision", source=src,
+                                  hint=f"precisions: {list(PRECISIONS)}; figures from the device's data sheet")
 
 
 def _positive(x: float) -> bool:

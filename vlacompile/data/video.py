@@ -130,6 +130,14 @@ class VideoFile:
         except av.error.FFmpegError as exc:
             raise self._error(f"cannot open video ({exc})", "the file is not a readable MP4 or is truncated; restore it",
                               context) from None
+        fmt = container.format
+        if (fmt.name or "").endswith("_pipe") or fmt.name == "image2":
+            # FFmpeg opens a still image (a PNG renamed .mp4) as a one-frame "video": without this it
+            # was reported as a video with fewer frames than the parquet's rows.
+            container.close()
+            raise self._error(f"is not a video: FFmpeg reads it as {fmt.long_name or fmt.name} (a still image)",
+                              "restore the camera's MP4 from the original dataset (lerobot writes one MP4 per camera and "
+                              "chunk, AV1 or H.264)", context)
         if not container.streams.video:
             container.close()
             raise self._error("the file has no video stream", "restore the camera's MP4 from the original dataset", context)

@@ -33,6 +33,16 @@ LEROBOT_TYPES = {
     "vqbet": "VQ-BeT", "tdmpc": "TD-MPC", "sac": "SAC", "smolvla": "SmolVLA", "xvla": "X-VLA", "wall_x": "WALL-OSS",
 }
 
+# Weight-name prefixes only one family's checkpoints hold (lerobot's module trees; openpi's keys lack
+# "model."). The weights say what a checkpoint is when its config.json says otherwise (a config.json
+# copied from another policy): checked before any family-specific reading, whose errors would
+# otherwise blame the wrong file (SmolVLA weights under "type": "pi0" were refused as a lerobot 0.4.x
+# pipeline).
+WEIGHT_PREFIXES: dict[str, tuple[str, ...]] = {
+    "smolvla": ("model.vlm_with_expert.", "vlm_with_expert."),
+    "pi0": ("model.paligemma_with_expert.", "paligemma_with_expert."),
+}
+
 
 def register(name: str, module: str) -> None:
     """Register a family defined by ``FAMILY`` in ``module`` (imported lazily)."""
@@ -87,4 +97,38 @@ def detect(raw: dict[str, Any], config_path: Path) -> "Family":
         f"unknown policy family model_type={model_type!r}" + (" and no LeRobot \"type\"" if model_type is None else ""),
         source=config_path,
         hint=f"vlacompile supports {supported}; a new family is added in vlacompile/families/",
+    )
+
+
+def family_of_weights(names: list[str]) -> str | None:
+    """The registered family whose weights these tensor names are (by ``WEIGHT_PREFIXES``), or None
+    when they do not say (a reference checkpoint, an ONNX policy, names of no known family)."""
+    found = {fam for fam, prefixes in WEIGHT_PREFIXES.items() if any(n.startswith(prefixes) for n in names)}
+    return found.pop() if len(found) == 1 else None
+
+
+def detect_checkpoint(raw: dict[str, Any], names: list[str] | None, ckpt: Path) -> "Family":
+    """The family of a checkpoint directory: its config.json's (``detect``), which its weights must
+    not contradict. Weights of a registered family under a config.json that names another family
+    (or one vlacompile does not know) are refused naming both, before any family-specific check."""
+    by_weights = family_of_weights(names or [])
+    other = get_family(by_weights) if by_weights is not None else None
+    prefix = next((p for p in WEIGHT_PREFIXES.get(by_weights, ()) if any(n.startswith(p) for n in names or [])), "")
+    try:
+        family = detect(raw, ckpt / "config.json")
+    except CheckpointError as err:
+        if other is None:
+            raise
+        # config.json names a family vlacompile does not compile: say so, and what the weights are.
+        raise CheckpointError(f"{err.message}; its weights, though, are a {other.label} policy's (tensors {prefix}*)",
+                              source=err.source, hint=f"{err.hint}; or, if config.json was copied from another policy, restore the "
+                              f"{other.label} config.json saved with these weights") from None
+    if other is None or by_weights == family.name:
+        return family
+    said = f'"type": "{raw["type"]}"' if isinstance(raw.get("type"), str) else f'"model_type": "{raw.get("model_type")}"'
+    raise CheckpointError(
+        f"config.json says {said} ({family.label}), but the weights are a {other.label} policy's (tensors {prefix}*)",
+        source=ckpt / "config.json",
+        hint="config.json and the weights come from different policies: restore the config.json saved with these weights "
+             f"(a {other.label} one), or pass the directory of the policy config.json describes",
     )

@@ -249,10 +249,20 @@ class Family(ABC):
 
     def new_student(self, teacher: Policy, shape: dict[str, Any], stats: dict[str, dict[str, np.ndarray]], source: str) -> Policy:
         """A freshly initialised policy of THIS family that reads ``teacher``'s cameras and state and
-        emits its actions (cross-family distillation): ``shape`` is the recipe's ``distill.student``
-        (less ``family``), ``stats`` the training episodes' statistics (physical units)."""
-        raise ConfigError(f"the {self.label} family cannot be built as a student of another family's teacher",
-                          source=source, hint="distil into the teacher's own family, or into vlacompile-reference")
+        emits its actions (the recipe's ``distill.student``, for a teacher of any family, its own
+        included): ``shape`` is ``distill.student`` less ``family``, ``stats`` the training
+        episodes' statistics (physical units)."""
+        self.check_student_shape(shape, teacher.spec, source)
+        raise AssertionError("a family that passes check_student_shape implements new_student")
+
+    def check_student_shape(self, shape: dict[str, Any], teacher_spec: PolicySpec | None, source: str) -> None:
+        """Check ``distill.student`` (less ``family``) before any work, naming the key: with
+        ``teacher_spec`` None (the recipe alone) its values, else also against the teacher. A family
+        that cannot build a freshly initialised student refuses here."""
+        raise ConfigError(f"distill.student.family is {self.name!r}: the {self.label} family cannot be built as a freshly "
+                          "initialised student", source=source,
+                          hint="use family = \"vlacompile-reference\", or leave distill.student out to slice the student from "
+                               "the teacher's own layers (distill.layers, mlp_ratio, flow_steps)")
 
     def describe(self, config) -> str:
         """A short shape description for logs ("3+3+2 layers, 2 flow steps")."""

@@ -108,3 +108,44 @@ class TextTokenizer:
         sl = slice(pad, None) if self.padding_side == "left" else slice(0, n)
         out[sl], mask[sl] = ids, True
         return out, mask
+
+
+# tokenizer_config.json classes that say nothing about the vocabulary (transformers' generic fast
+# tokenizer, and what transformers >= 5 writes for any tokenizers-backed one).
+GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def check_tokenizer_fits(directory: Path, *, model: str, expected: str, embedding_rows: int, classes: tuple[str, ...],
+                         special: dict[str, int], first_token: str | None) -> None:
+    """Refuse a tokenizer directory that is not the one a checkpoint was trained with, before any work:
+    a tokenizer of another model still produces ids, so the build would run and pass on prompts the
+    policy never saw. Checked: the class tokenizer_config.json names (when it names a specific one),
+    the vocabulary against the checkpoint's embedding rows, the special tokens' ids (``special``:
+    token -> id, as the model's vocabulary has them) and the token prepended to every prompt.
+    ``expected`` names the tokenizer the model reads (for the hint), ``model`` the checkpoint's kind."""
+    directory = Path(directory)
+    cfg = read_tokenizer_config(directory)
+    hint = f"pass --tokenizer with a local copy of {expected}'s tokenizer (tokenizer.json, tokenizer_config.json), which {model} reads"
+    cls = cfg.get("tokenizer_class")
+    if isinstance(cls, str) and cls not in GENERIC_CLASSES and not cls.startswith(classes):
+        raise CheckpointError(f"is a {cls} tokenizer; a {model} checkpoint reads a {' / '.join(classes)} tokenizer",
+                              source=directory / "tokenizer_config.json", hint=hint)
+    tok = TextTokenizer(directory, max_length=8)
+    if tok.vocab_size > embedding_rows:
+        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the checkpoint's token embedding has {embedding_rows} "
+                              "rows: it is another model's tokenizer", source=directory / TOKENIZER_FILE, hint=hint)
+    wrong = {t: tok.token_id(t) for t, i in special.items() if tok.token_id(t) != i}
+    if wrong:
+        have = ", ".join(f"{t} = {i}" if i is not None else f"no {t}" for t, i in wrong.items())
+        want = ", ".join(f"{t} = {i}" for t, i in special.items())
+        raise CheckpointError(f"the tokenizer's special tokens are not {model}'s: it has {have} (the checkpoint's vocabulary has "
+                              f"{want})", source=directory / TOKENIZER_FILE, hint=hint)
+    pad = _token_content(cfg.get("pad_token"))
+    if pad is not None and pad in special and tok.pad_id != special[pad]:
+        raise CheckpointError(f"tokenizer_config.json pads with {pad!r} = {tok.pad_id}; {model} pads with id {special[pad]}",
+                              source=directory / "tokenizer_config.json", hint=hint)
+    if first_token is not None:
+        ids = tok.tok.encode("a", add_special_tokens=True).ids
+        if not ids or ids[0] != special.get(first_token, tok.token_id(first_token)):
+            raise CheckpointError(f"the tokenizer does not begin a prompt with {first_token} as {model}'s does (it writes ids "
+                                  f"{ids[:3]} for \"a\")", source=directory / TOKENIZER_FILE, hint=hint)

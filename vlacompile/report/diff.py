@@ -16,6 +16,7 @@ Noise bands, per kind of figure:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 Z95 = 1.959963984540054
@@ -149,6 +150,35 @@ def diff_reports(old: dict, new: dict) -> dict[str, Any]:
             "metrics": compared, "inputs": inputs, "files": files, "gates": gates,
             "beyond_noise": [r["metric"] for r in compared if r["direction"] != "same" and
                              (r["status"] == "beyond noise" or (r["status"] == "changed" and r["band_kind"] == "exact"))]}
+
+
+def diff_builds(old: str | Path, new: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
+    """``vlacompile report diff OLD NEW [--out PATH]``: the diff of two builds (directories or report.json
+    files), written as Markdown to ``out`` and as JSON to ``out``.json when given. Both reports must
+    be of this schema and hold what the gates compare; ``out`` must be a file path that overwrites
+    nothing either build holds (checked before anything is written)."""
+    import json
+
+    from vlacompile.artifact import COMPARE_REPORT_KEYS, held_files, read_report
+    from vlacompile.errors import ArtifactError
+    from vlacompile.outputs import check_output_file
+
+    reports = [read_report(p, COMPARE_REPORT_KEYS) for p in (old, new)]
+    if out is not None:
+        out = Path(out)
+        held = [(f"build {p}", f) for p, r in zip((old, new), reports) for f in held_files(p, r)]
+        check_output_file(out, protected=held, option="--out", example="diff.md")  # first: `.` has no name to add .json to
+        check_output_file(out.with_name(out.name + ".json"), protected=held, option="--out", example="diff.md")
+    try:
+        diff = diff_reports(*reports)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a section of an unexpected shape
+        raise ArtifactError(f"the two reports cannot be compared: a section has an unexpected shape ({e!r})", source=f"{old}, {new}",
+                            hint="compare two reports written by `vlacompile build` (rebuild one that was edited)") from None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_diff_markdown(diff))
+        out.with_name(out.name + ".json").write_text(json.dumps(diff, indent=2) + "\n")
+    return diff
 
 
 # Latency is judged by the student's p50 relative to the teacher's in the same run (interleaved timing):

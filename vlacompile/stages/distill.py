@@ -15,10 +15,12 @@ one family. The student is initialised from the stage's input policy (the teache
 comes first) and always trained against the build's teacher (``ctx.teacher``).
 
 ``student = { family = "vlacompile-reference", layers = 2, width = 128, ... }`` asks for a student of
-another family, freshly initialised by that family (``Family.new_student``) to read the teacher's
-cameras and state and emit its actions. Its head differs from the teacher's, so it cannot share
-the teacher's noise: it learns from teacher-labelled chunks (``noises_per_sample`` draws per
-observation) with flow matching (``objective = "auto"`` picks "flow" for it, "match" otherwise).
+that shape, freshly initialised by that family (``Family.new_student``) to read the teacher's
+cameras and state and emit its actions, whether the family is the teacher's own or another. Its
+head is its own, so it does not share the teacher's noise: it learns from teacher-labelled chunks
+(``noises_per_sample`` draws per observation) with flow matching (``objective = "auto"`` picks
+"flow" for it, "match" otherwise). Its shape is checked with the recipe (``check``) and against the
+teacher once it is loaded (``check_teacher``), before any work.
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ def resolved(params: Params, family: str, source: str = "recipe") -> Params:
 
     bad = sorted(set(extra) - set(OVERRIDABLE))
     if bad:
-        raise ConfigError(f"distill.per_family.{family} sets {bad}; only {list(OVERRIDABLE)} can differ per family", source=source)
+        raise ConfigError(f"distill.per_family.{family} sets {bad}; only {list(OVERRIDABLE)} can differ per family", source=source,
+                          hint="set the other keys in the [[stages]] distill table itself")
     over = from_dict(Params, extra, source, where=f"distill.per_family.{family}")
     return replace(params, **{k: getattr(over, k) for k in extra}, per_family={})
 
@@ -111,39 +114,48 @@ def resolved(params: Params, family: str, source: str = "recipe") -> Params:
 def check(params: Params, target, source: str = "recipe") -> None:
     _check_layers(params.layers, "distill.layers", source)
     if params.parallel not in ("ddp", "fsdp"):
-        raise ConfigError(f"distill.parallel is {params.parallel!r}; it is \"ddp\" or \"fsdp\"", source=source)
+        raise ConfigError(f"distill.parallel is {params.parallel!r}; it is \"ddp\" or \"fsdp\"", source=source,
+                          hint="\"ddp\" replicates the student on each process, \"fsdp\" shards student and teacher")
     if params.train_precision not in PRECISIONS:
         raise ConfigError(f"distill.train_precision is {params.train_precision!r}; it is one of {list(PRECISIONS)}", source=source,
                           hint="\"auto\" trains in BF16 where the hardware has it")
     if params.objective not in ("auto", "match", "flow"):
-        raise ConfigError(f"distill.objective is {params.objective!r}; it is \"auto\", \"match\" or \"flow\"", source=source)
+        raise ConfigError(f"distill.objective is {params.objective!r}; it is \"auto\", \"match\" or \"flow\"", source=source,
+                          hint="\"auto\" picks \"match\" for a student sliced from the teacher, \"flow\" for distill.student")
     if params.student:
-        from vlacompile.families import known_families
+        from vlacompile.families import get_family, known_families
 
         fam = params.student.get("family")
         if fam not in known_families():
             raise ConfigError(f"distill.student.family is {fam!r}; vlacompile has the families {known_families()}", source=source,
                               hint="e.g. student = { family = \"vlacompile-reference\", layers = 2, width = 128 }")
         if params.objective == "match":
-            raise ConfigError("distill.objective = \"match\" shares the teacher's noise, which a student of another family "
-                              "cannot take", source=source, hint="use objective = \"auto\" or \"flow\"")
+            raise ConfigError("distill.objective = \"match\" shares the teacher's noise, which a student built by distill.student "
+                              "(its own flow head) cannot take", source=source, hint="use objective = \"auto\" or \"flow\"")
         if params.layers or params.mlp_ratio != 1.0 or params.per_family:
-            raise ConfigError("distill.layers / mlp_ratio / per_family select the teacher's own layers; a student of another "
-                              "family is shaped by distill.student", source=source)
+            raise ConfigError("distill.layers / mlp_ratio / per_family select the teacher's own layers; a freshly initialised "
+                              "student is shaped by distill.student", source=source,
+                              hint="remove one of the two: distill.student for a freshly initialised student, or layers / "
+                                   "mlp_ratio to slice the teacher")
+        get_family(fam).check_student_shape(_shape(params), None, source)
     for family in params.per_family:
         p = resolved(params, family, source)
         _check_layers(p.layers, f"distill.per_family.{family}.layers", source)
         if not 0.0 < p.mlp_ratio <= 1.0 or (p.flow_steps is not None and p.flow_steps < 1):
-            raise ConfigError(f"distill.per_family.{family}: mlp_ratio must be in (0, 1] and flow_steps >= 1", source=source)
+            raise ConfigError(f"distill.per_family.{family}: mlp_ratio must be in (0, 1] and flow_steps >= 1, got {p.mlp_ratio} and "
+                              f"{p.flow_steps}", source=source, hint=f"e.g. per_family.{family} = {{ mlp_ratio = 0.5, flow_steps = 2 }}")
     if not 0.0 < params.mlp_ratio <= 1.0:
-        raise ConfigError(f"distill.mlp_ratio is {params.mlp_ratio}; it must be in (0, 1]", source=source)
+        raise ConfigError(f"distill.mlp_ratio is {params.mlp_ratio}; it must be in (0, 1]", source=source,
+                          hint="it is the fraction of MLP channels kept: 0.5 keeps half, 1.0 all")
     if params.flow_steps is not None and params.flow_steps < 1:
-        raise ConfigError(f"distill.flow_steps is {params.flow_steps}; it must be >= 1", source=source)
+        raise ConfigError(f"distill.flow_steps is {params.flow_steps}; it must be >= 1", source=source,
+                          hint="e.g. flow_steps = 2; leave it out to keep the teacher's")
     for key, low in (("steps", 0), ("batch_size", 1), ("num_samples", 1), ("noises_per_sample", 1), ("state_jitter_copies", 0)):
         if getattr(params, key) < low:
-            raise ConfigError(f"distill.{key} is {getattr(params, key)}; it must be >= {low}", source=source)
+            raise ConfigError(f"distill.{key} is {getattr(params, key)}; it must be >= {low}", source=source,
+                              hint=f"e.g. {key} = {Params.__dataclass_fields__[key].default} (its default)")
     if not params.lr > 0:
-        raise ConfigError(f"distill.lr is {params.lr}; it must be > 0", source=source)
+        raise ConfigError(f"distill.lr is {params.lr}; it must be > 0", source=source, hint="e.g. lr = 1e-3 (its default)")
     if (params.state_jitter_copies > 0) != (params.state_jitter > 0):
         raise ConfigError(
             f"distill.state_jitter_copies is {params.state_jitter_copies} and distill.state_jitter {params.state_jitter}",
@@ -152,7 +164,21 @@ def check(params: Params, target, source: str = "recipe") -> None:
         )
     for key in ("feature_loss_weight", "weight_decay", "state_jitter"):
         if getattr(params, key) < 0:
-            raise ConfigError(f"distill.{key} is {getattr(params, key)}; it must be >= 0", source=source)
+            raise ConfigError(f"distill.{key} is {getattr(params, key)}; it must be >= 0", source=source,
+                              hint="0 (its default) turns it off")
+
+
+def _shape(params: Params) -> dict[str, Any]:
+    return {k: v for k, v in params.student.items() if k != "family"}
+
+
+def check_teacher(params: Params, teacher, source: str = "recipe") -> None:
+    """Before any work, once the teacher is loaded: a ``distill.student`` fits it (its chunk, its
+    family: a family that cannot build a fresh student is refused here, naming the key)."""
+    if params.student:
+        from vlacompile.families import get_family
+
+        get_family(params.student["family"]).check_student_shape(_shape(params), teacher.spec, source)
 
 
 def with_state_jitter(samples, copies: int, sigma, *, seed: int):
@@ -223,14 +249,15 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
     teacher = ctx.teacher
     family = get_family(teacher.family)
     torch.manual_seed(ctx.seed)
-    cross = bool(params.student) and params.student["family"] != teacher.family
-    if cross:
+    # distill.student: a freshly initialised student of that shape, of the teacher's family or another
+    # (a same-family one was silently sliced from the teacher, keeping its size: issue 18).
+    fresh = bool(params.student)
+    if fresh:
         if ctx.train is None:
-            raise EpisodeError("a student of another family needs training episodes (their statistics normalise it)",
+            raise EpisodeError("a student built by distill.student needs training episodes (their statistics normalise it)",
                                source="distill", hint="pass --episodes")
-        shape = {k: v for k, v in params.student.items() if k != "family"}
         stats = ctx.train.stats()
-        student = get_family(params.student["family"]).new_student(teacher, shape, stats, source="recipe stage distill")
+        student = get_family(params.student["family"]).new_student(teacher, _shape(params), stats, source="recipe stage distill")
         if params.flow_steps is not None:  # the student's own head: its flow steps are a shape like any other
             fam = get_family(student.family)
             student = fam.restructure(student, fam.student_config(student.config, {}, {}, params.flow_steps))
@@ -238,7 +265,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
         # The student is sliced from the teacher (or its pruned self), so it keeps the teacher's
         # normalisation statistics and reproduces it in the teacher's units.
         student = init_student(artifact.policy, params, ctx)
-    objective = params.objective if params.objective != "auto" else ("flow" if cross else "match")
+    objective = params.objective if params.objective != "auto" else ("flow" if fresh else "match")
     ctx.log(
         f"distill: student {student.num_parameters() / 1e6:.2f}M params "
         f"({get_family(student.family).describe(student.config)}, {student.spec.flow_steps} flow steps) from teacher "

@@ -84,12 +84,15 @@ def check(params: Params, target, source: str = "recipe") -> None:
             hint="use opset = 18 unless the target's runtime needs another",
         )
     if params.batch_size < 1:
-        raise ConfigError(f"export.batch_size is {params.batch_size}; it must be >= 1", source=source)
+        raise ConfigError(f"export.batch_size is {params.batch_size}; it must be >= 1", source=source,
+                          hint="the graph's static batch: 1 for a robot's get_action")
     for key in ("max_abs_diff", "quantized_rel_rms"):
         if not getattr(params, key) > 0:
-            raise ConfigError(f"export.{key} is {getattr(params, key)}; it must be > 0", source=source)
+            raise ConfigError(f"export.{key} is {getattr(params, key)}; it must be > 0", source=source,
+                              hint=f"e.g. {key} = {Params.__dataclass_fields__[key].default} (its default)")
     if params.external_data_threshold_mb < 0:
-        raise ConfigError(f"export.external_data_threshold_mb is {params.external_data_threshold_mb}; it must be >= 0", source=source)
+        raise ConfigError(f"export.external_data_threshold_mb is {params.external_data_threshold_mb}; it must be >= 0", source=source,
+                          hint="graphs larger than this many MB keep their weights in a .data file beside them; 0 always does")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,19 +61,24 @@ def check(params: Params, target, source: str = "recipe") -> None:
                 hint=f"{key} is the fraction removed: 0.25 removes a quarter, 0 keeps all",
             )
     if params.drop_layers < 0:
-        raise ConfigError(f"prune.drop_layers is {params.drop_layers}; it must be >= 0", source=source)
+        raise ConfigError(f"prune.drop_layers is {params.drop_layers}; it must be >= 0", source=source,
+                          hint="the number of layers removed per part; 0 keeps them all")
     unknown = [p for p in params.parts if p not in PARTS]
     if unknown or not params.parts or len(set(params.parts)) != len(params.parts):
         raise ConfigError(
             f"prune.parts is {list(params.parts)}; it must list distinct parts among {list(PARTS)}",
             source=source,
+            hint=f"e.g. parts = {list(PARTS)}",
         )
     if params.calibration_samples < 1:
-        raise ConfigError(f"prune.calibration_samples is {params.calibration_samples}; it must be >= 1", source=source)
+        raise ConfigError(f"prune.calibration_samples is {params.calibration_samples}; it must be >= 1", source=source,
+                          hint=f"e.g. calibration_samples = {Params.__dataclass_fields__['calibration_samples'].default} (its default)")
     if params.recovery_steps < 0:
-        raise ConfigError(f"prune.recovery_steps is {params.recovery_steps}; it must be >= 0", source=source)
+        raise ConfigError(f"prune.recovery_steps is {params.recovery_steps}; it must be >= 0", source=source,
+                          hint="0 skips the recovery training after pruning")
     if not params.recovery_lr > 0:
-        raise ConfigError(f"prune.recovery_lr is {params.recovery_lr}; it must be > 0", source=source)
+        raise ConfigError(f"prune.recovery_lr is {params.recovery_lr}; it must be > 0", source=source,
+                          hint=f"e.g. recovery_lr = {Params.__dataclass_fields__['recovery_lr'].default} (its default)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +278,7 @@ def run(artifact: Artifact, params: Params, ctx: BuildContext) -> Artifact:
     unknown = [p for p in params.parts if p not in family.parts]
     if unknown:
         raise ConfigError(f"prune.parts names {unknown}; the {family.label} family has parts {list(family.parts)}",
-                          source="recipe stage prune")
+                          source="recipe stage prune", hint=f"list only {list(family.parts)} in prune.parts")
     cfg = source.config
     nothing_to_remove = params.heads_ratio == 0 and params.mlp_ratio == 0 and params.drop_layers == 0
     if nothing_to_remove:

@@ -139,7 +139,8 @@ def check(params: Params, target, source: str = "recipe") -> None:
             hint="set quantize_attention = false, or use method 'ort-static' for INT8 attention",
         )
     if params.calibration_samples < 1:
-        raise ConfigError(f"quantize.calibration_samples is {params.calibration_samples}; it must be >= 1", source=source)
+        raise ConfigError(f"quantize.calibration_samples is {params.calibration_samples}; it must be >= 1", source=source,
+                          hint=f"e.g. calibration_samples = {Params.__dataclass_fields__['calibration_samples'].default} (its default)")
     if precision == "int4" and (params.block_size < 16 or params.block_size & (params.block_size - 1)):
         raise ConfigError(
             f"quantize.block_size is {params.block_size}; INT4 block sizes are powers of two >= 16",
@@ -148,7 +149,8 @@ def check(params: Params, target, source: str = "recipe") -> None:
         )
     bad = [p for p in (params.exclude or ()) if not isinstance(p, str) or not p.strip()]
     if bad:
-        raise ConfigError(f"quantize.exclude holds empty names {bad}", source=source)
+        raise ConfigError(f"quantize.exclude holds empty names {bad}", source=source,
+                          hint="list module names (prefixes) to keep in full precision, e.g. exclude = [\"expert.action_out\"]")
 
 
 def _calibration(policy: Policy, ctx: BuildContext, n: int, method: str) -> dict[str, Any]:

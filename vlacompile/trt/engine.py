@@ -222,18 +222,29 @@ def build_artifact_engines(artifact_dir: str | Path, *, workspace_mb: int = 4096
     present), after the readiness check against this device's TensorRT version."""
     from vlacompile.trt.readiness import check_readiness
 
+    from vlacompile.artifact import SPLIT_JSON, read_manifest, read_split_manifest
+    from vlacompile.errors import ArtifactError
+    from vlacompile.outputs import check_output_file
+
     artifact_dir = Path(artifact_dir)
-    manifest_path = artifact_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise EngineError("no manifest.json: not a directory written by `vlacompile build`", source=artifact_dir,
-                          hint="pass the output directory of `vlacompile build`")
-    manifest = json.loads(manifest_path.read_text())
-    precision = manifest.get("precision", "fp32")
-    graphs = [manifest["onnx"]]
-    split = artifact_dir / "split.json"
-    if split.is_file():
-        graphs += [json.loads(split.read_text())[part]["onnx"] for part in ("system2", "system1")]
+    if not artifact_dir.is_dir():
+        raise ArtifactError("is not a directory" if artifact_dir.exists() else "no such artifact directory", source=artifact_dir,
+                            hint="pass the output directory of `vlacompile build`")
+    # Read (and checked) before TensorRT is imported: a damaged manifest is the user's to hear first.
+    manifest = read_manifest(artifact_dir, keys=("onnx", "precision"))
+    precision = manifest["precision"]
+    graphs = [str(manifest["onnx"])]
+    if (artifact_dir / SPLIT_JSON).is_file():
+        split = read_split_manifest(artifact_dir)
+        graphs += [str(split[part]["onnx"]) for part in ("system2", "system1")]
+    if timing_cache is not None and not Path(timing_cache).is_file():  # written after the build: check the path now
+        check_output_file(timing_cache, option="--timing-cache", example="timing.cache",
+                          protected=[("artifact", artifact_dir / g) for g in graphs])
     trt = import_tensorrt()
+    missing = [g for g in graphs if not (artifact_dir / g).is_file()]
+    if missing:
+        raise ArtifactError(f"the graphs {missing} named by manifest.json / split.json are missing", source=artifact_dir,
+                            hint="the artifact is incomplete: rebuild it with `vlacompile build`")
     built = {}
     for name in graphs:
         onnx_path = artifact_dir / name

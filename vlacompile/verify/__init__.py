@@ -43,8 +43,15 @@ def _stride_for(held_out, max_samples: int) -> int | None:
     return stride
 
 
+def own_head(teacher_spec, student_spec) -> bool:
+    """Whether the student has a head of its own (compared on independent noise, its own inputs): one
+    of another family, or a freshly initialised one of the teacher's family (``distill.student``),
+    whose inputs differ from the teacher's."""
+    return student_spec.family != teacher_spec.family or student_spec.inputs != teacher_spec.inputs
+
+
 def _check_student_spec(teacher_spec, student_spec, onnx_path: Path) -> None:
-    if student_spec.family != teacher_spec.family:  # distilled across families: same observations and actions, own head
+    if own_head(teacher_spec, student_spec):  # distilled into its own head: same observations and actions
         problems = []
         missing = [c.name for c in student_spec.cameras if c.name not in {t.name for t in teacher_spec.cameras}]
         if missing:
@@ -69,7 +76,7 @@ def _check_student_spec(teacher_spec, student_spec, onnx_path: Path) -> None:
 
 def _as_student(actions: np.ndarray, teacher_spec, student_spec) -> np.ndarray:
     """Teacher chunks [N, chunk_T, A_T] cut to the student's chunk and actions (by name)."""
-    if student_spec.family == teacher_spec.family:
+    if not own_head(teacher_spec, student_spec):
         return actions
     from vlacompile.training import action_index
 
@@ -233,10 +240,13 @@ def verify(
     cache=None,
     student_runner=None,
     on_device: str | None = None,
+    flow_trained: bool = False,
 ) -> dict[str, Any]:
     """Compare the compiled student (``student_onnx``) with ``teacher`` on ``held_out`` episodes and
     judge ``target``'s gates. ``student_policy`` (the torch student the graph was exported from)
     supplies the student's spec and its size for the roofline; without it the teacher's spec is used.
+    ``flow_trained``: the student learned the teacher's chunks by flow matching (distill objective
+    "flow", e.g. a ``distill.student``), so it is compared on independent noise like a head of its own.
     """
     from vlacompile.backends.torch_eager import TorchRunner
     from vlacompile.targets import host_device_string
@@ -261,17 +271,17 @@ def verify(
     teacher_a, teacher_b = _teacher_actions(teacher, teacher_runner, inputs, noise2, cache, progress, notes)
     observations, noises = data.observations, data.noises
     student_inputs, student_noises = inputs, noises
-    cross = student_spec.family != spec.family
+    cross = own_head(spec, student_spec) or flow_trained
     if cross:
-        # Another family's head: its own inputs (its preprocessor) and its own noise, drawn independently.
+        # A head of its own: its own inputs (its preprocessor) and its own noise, drawn independently.
         rng = np.random.default_rng([seed, 0x5EED])
         s_noise = rng.standard_normal((n, *student_spec.noise_shape), dtype=np.float32)
         s_name = next(i.name for i in student_spec.inputs if i.role == "noise")
         student_inputs = {**samples.model_inputs(student_spec), s_name: s_noise}
         student_noises = [s_noise[i] for i in range(len(noises))]
         teacher_a, teacher_b = _as_student(teacher_a, spec, student_spec), _as_student(teacher_b, spec, student_spec)
-        notes.append(f"the student is a {student_spec.family} policy distilled from this {spec.family} teacher: its head has its "
-                     "own noise, so it is compared with the teacher on independent noise draws (the teacher's own spread "
+        notes.append(f"the student ({student_spec.family}) learned this {spec.family} teacher's chunks with its own head and "
+                     "noise, so it is compared with the teacher on independent noise draws (the teacher's own spread "
                      "across draws, teacher_self_consistency, is the floor of its NMSE)"
                      + (f"; compared on the teacher's first {student_spec.chunk_size} actions" if student_spec.chunk_size < spec.chunk_size else ""))
     student_a = student_runner.run_batched(student_inputs, BATCH, progress=progress, desc="student")

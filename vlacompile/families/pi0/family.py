@@ -20,6 +20,7 @@ from vlacompile.families.pi0.configuration import FAMILY as NAME
 from vlacompile.families.pi0.configuration import QUERY_HEADS, VISION_HEADS, Pi0Config
 from vlacompile.families.pi0.modeling import Pi0
 from vlacompile.families.pi0.processor import PALIGEMMA, Pi0Preprocessor, resolve_tokenizer_dir
+from vlacompile.lerobot.tokenizer import check_tokenizer_fits
 from vlacompile.lerobot.policy_dir import PREPROCESSOR, POSTPROCESSOR, Camera, Normalisers, PolicyDir, read_policy_dir
 from vlacompile.policy import CameraSpec, FlowHead, InputSpec, Policy, PolicySpec
 
@@ -48,6 +49,9 @@ KEY_MAP = (
 UNUSED = (LEROBOT + "paligemma.lm_head.", LEROBOT + "gemma_expert.lm_head.")  # pi0 never decodes text
 EMBED = LEROBOT + "paligemma.model.language_model.embed_tokens.weight"
 PARTS = ("vision", "backbone", "expert")
+# PaliGemma's (Gemma's) tokenizer: what a pi0 / pi0.5 checkpoint's token embedding was trained on.
+TOKENIZER_CLASSES = ("Gemma", "PaliGemma")
+GEMMA_SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
 # Kept in higher precision: the pixel and flow-time inputs and the action projections.
 DEFAULT_QUANT_EXCLUDE = {"pi0": ("vision.embeddings.patch_embedding", "state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in"),
                          "pi05": ("vision.embeddings.patch_embedding", "action_in_proj", "action_out_proj", "time_mlp_in")}
@@ -111,6 +115,9 @@ class Pi0Family(Family):
         state = lerobot_state(raw, variant)
         sidecar = read_json(ckpt / SIDECAR) if (ckpt / SIDECAR).is_file() else None
         config, stats, notes = _resolve_config(pd, variant, tok_dir, state, allow_unnormalized, files[0])
+        # Another model's tokenizer (SmolVLM's, say) still yields ids below the embedding's rows: check it is PaliGemma's.
+        check_tokenizer_fits(tok_dir, model=LABELS[variant], expected=tok_name, embedding_rows=config.vocab_size, classes=TOKENIZER_CLASSES,
+                             special=GEMMA_SPECIAL, first_token="<bos>")
         module = Pi0(config)
         remapped = {}
         for k, v in state.items():

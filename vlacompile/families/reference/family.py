@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vlacompile.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_and_load_state, read_config, read_weights, save_state, weights_digest
-from vlacompile.errors import ConfigError
+from vlacompile.errors import CheckpointError, ConfigError
 from vlacompile.families.base import FeatureTap, Family, Probe, PruneGroup, SplitPlan, part_module
 from vlacompile.families.reference.configuration import FAMILY as NAME
 from vlacompile.families.reference.configuration import ReferenceConfig
@@ -77,35 +77,11 @@ class ReferenceFamily(Family):
         return replace(config, **changes, flow_steps=config.flow_steps if flow_steps is None else flow_steps)
 
     def new_student(self, teacher: Policy, shape: dict[str, Any], stats, source: str) -> Policy:
-        """A reference-family student for any teacher: the teacher's cameras (resized on the host to
-        ``image_size`` when their frames differ), state and actions; its own sizes from ``shape``
-        (``layers`` / ``width`` / ``heads`` / ``mlp`` for all three parts, or any config field),
-        normalised with the training episodes' statistics."""
-        t = teacher.spec
-        known = {f for f in ReferenceConfig.__dataclass_fields__} - {"cameras", "state_dim", "action_dim"}
-        short = {"layers", "width", "heads", "mlp"}
-        bad = sorted(set(shape) - known - short)
-        if bad:
-            raise ConfigError(f"distill.student sets {bad}, which a vlacompile-reference student does not have", source=source,
-                              hint=f"set {sorted(short)} or config fields {sorted(known)}")
-        layers, width = int(shape.get("layers", 2)), int(shape.get("width", 128))
-        heads, mlp = int(shape.get("heads", 4)), int(shape.get("mlp", 4 * width))
-        base: dict[str, Any] = dict(
-            cameras=tuple(c.name for c in t.cameras), state_dim=t.state_dim, action_dim=t.action_dim,
-            chunk_size=t.chunk_size, flow_steps=min(t.flow_steps, 2), max_tokens=32, control_hz=t.control_hz or 10.0,
-            image_size=64, patch_size=8, head_dim=max(8, width // heads),
-            **{f"{p}_width": width for p in PARTS}, **{f"{p}_heads": (heads,) * layers for p in PARTS},
-            **{f"{p}_mlp": (mlp,) * layers for p in PARTS})
-        for k, v in shape.items():
-            if k in known:
-                base[k] = tuple(v) if isinstance(v, list) else v
-        if base["chunk_size"] > t.chunk_size:
-            raise ConfigError(f"distill.student.chunk_size = {base['chunk_size']} is longer than the teacher's chunk "
-                              f"({t.chunk_size}): the teacher labels only {t.chunk_size} actions", source=source)
-        config = ReferenceConfig(**base)
-        if config.image_size % config.patch_size:
-            raise ConfigError(f"distill.student.image_size {config.image_size} is not a multiple of patch_size {config.patch_size}",
-                              source=source)
+        """A reference-family student for any teacher (its own family's too): the teacher's cameras
+        (resized on the host to ``image_size`` when their frames differ), state and actions; its own
+        sizes from ``shape`` (``layers`` / ``width`` / ``heads`` / ``mlp`` for all three parts, or any
+        config field), normalised with the training episodes' statistics."""
+        config = self._student_config(shape, teacher.spec, source)
         policy = self.new_policy(config)
         s, a = stats["observation.state"], stats["action"]
         policy.module.set_stats(s["mean"], s["std"], a["mean"], a["std"])
@@ -113,6 +89,76 @@ class ReferenceFamily(Family):
         policy.meta = {"format": "vlacompile", "derived_from": teacher.meta.get("weights_sha256"),
                        "distilled_from_family": teacher.family}
         return policy
+
+    def check_student_shape(self, shape: dict[str, Any], teacher_spec: PolicySpec | None, source: str) -> None:
+        self._student_config(shape, teacher_spec, source)
+
+    def _student_config(self, shape: dict[str, Any], t: PolicySpec | None, source: str) -> ReferenceConfig:
+        """The student's config from ``distill.student``, every value checked with its key named;
+        ``t`` None: the recipe alone (placeholders for what the teacher decides)."""
+        fields = ReferenceConfig.__dataclass_fields__
+        known = set(fields) - {"cameras", "state_dim", "action_dim"}
+        short = {"layers", "width", "heads", "mlp"}
+        bad = sorted(set(shape) - known - short)
+        if bad:
+            raise ConfigError(f"distill.student sets {bad}, which a vlacompile-reference student does not have", source=source,
+                              hint=f"set {sorted(short)} or config fields {sorted(known)}")
+
+        def whole(key: str, value: Any, low: int = 1) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"distill.student.{key} is {value!r}; it must be a whole number >= {low}", source=source,
+                                  hint="e.g. student = { family = \"vlacompile-reference\", layers = 2, width = 128, heads = 4 }")
+            return value
+
+        for key in sorted(short & set(shape)):
+            whole(key, shape[key])
+        layers, width = shape.get("layers", 2), shape.get("width", 128)
+        heads, mlp = shape.get("heads", 4), shape.get("mlp", 4 * width)
+        chunk = t.chunk_size if t is not None else shape.get("chunk_size", 1)
+        base: dict[str, Any] = dict(
+            cameras=tuple(c.name for c in t.cameras) if t is not None else ("camera",),
+            state_dim=t.state_dim if t is not None else 1, action_dim=t.action_dim if t is not None else 1,
+            chunk_size=chunk, flow_steps=min(t.flow_steps, 2) if t is not None else 2, max_tokens=32,
+            control_hz=(t.control_hz or 10.0) if t is not None else 10.0,
+            image_size=64, patch_size=8, head_dim=max(8, width // heads),
+            **{f"{p}_width": width for p in PARTS}, **{f"{p}_heads": (heads,) * layers for p in PARTS},
+            **{f"{p}_mlp": (mlp,) * layers for p in PARTS})
+        for k, v in shape.items():
+            if k not in known:
+                continue
+            default = fields[k].default
+            if isinstance(default, tuple):
+                if not isinstance(v, (list, tuple)) or not v:
+                    raise ConfigError(f"distill.student.{k} is {v!r}; it must be a list of whole numbers >= 1, one per layer",
+                                      source=source, hint=f"e.g. {k} = {list(default[:2])}")
+                base[k] = tuple(whole(f"{k}[{i}]", x) for i, x in enumerate(v))
+            elif isinstance(default, float):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
+                    raise ConfigError(f"distill.student.{k} is {v!r}; it must be a positive number", source=source,
+                                      hint=f"e.g. {k} = {default}")
+                base[k] = float(v)
+            else:
+                base[k] = whole(k, v, 2 if k == "max_tokens" else 1)
+        if t is not None and base["chunk_size"] > t.chunk_size:
+            raise ConfigError(f"distill.student.chunk_size = {base['chunk_size']} is longer than the teacher's chunk "
+                              f"({t.chunk_size}): the teacher labels only {t.chunk_size} actions", source=source,
+                              hint=f"set distill.student.chunk_size <= {t.chunk_size}, or leave it out to take the teacher's")
+        config = ReferenceConfig(**base)
+        if config.image_size % config.patch_size:
+            raise ConfigError(f"distill.student.image_size {config.image_size} is not a multiple of patch_size {config.patch_size}",
+                              source=source, hint="e.g. image_size = 64 with patch_size = 8")
+        depths = {p: (len(getattr(config, f"{p}_heads")), len(getattr(config, f"{p}_mlp"))) for p in PARTS}
+        uneven = {p: d for p, d in depths.items() if d[0] != d[1]}
+        if uneven:
+            p, (nh, nm) = next(iter(uneven.items()))
+            raise ConfigError(f"distill.student gives {p}_heads {nh} layers but {p}_mlp {nm}", source=source,
+                              hint="give both lists one entry per layer, or set layers / heads / mlp for all parts")
+        try:
+            config.validate(source)
+        except CheckpointError as e:  # the config's own rules, said as the recipe's
+            raise ConfigError(f"distill.student gives an impossible student: {e.message}", source=source,
+                              hint="e.g. student = { family = \"vlacompile-reference\", layers = 2, width = 128, heads = 4 }") from None
+        return config
 
     def describe(self, config: ReferenceConfig) -> str:
         return f"{config.vision_depth}+{config.backbone_depth}+{config.expert_depth} layers"
