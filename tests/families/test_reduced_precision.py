@@ -25,7 +25,9 @@ from vlacompile.families import get_family
 # Every shipped configuration of each family, beside the conformance suite's one per family.
 CONFIGS = {
     "vlacompile-reference": POLICIES["vlacompile-reference"],
-    **{f"smolvla:{d.name}": (lambda d=d: load_policy(d / "policy", tokenizer=d / "vlm")) for d in sorted(SMOLVLA.iterdir()) if d.is_dir()},
+    **{f"smolvla:{d.name}": (lambda d=d: load_policy(d / "policy", tokenizer=d / "vlm", lerobot_version="0.4")) for d in sorted(SMOLVLA.iterdir()) if d.is_dir()},
+    **{f"smolvla:{d.name}": (lambda d=d: load_policy(d / "policy", tokenizer=d / "vlm"))  # saved by lerobot 0.6.1
+       for d in sorted((SMOLVLA.parent / "fixtures061").iterdir()) if d.is_dir()},
     **{f"pi0:{d.name}": (lambda d=d: load_policy(d / "policy", tokenizer=d / "tokenizer")) for d in sorted(PI0.iterdir()) if d.is_dir()},
 }
 # Relative L2 error of the chunk against FP32. BF16 keeps 8 significant bits (0.4% a rounding), FP16
@@ -184,6 +186,8 @@ def _build(tmp_path: Path, which: str, recipe: Path, *extra: str):
     from vlacompile.resources import TARGETS_DIR
 
     fx, tok = LEROBOT_POLICIES[which]
+    if which == "smolvla":
+        extra = ("--lerobot-version", "0.4", *extra)  # saved by lerobot 0.4.4, whose config.json does not say so
     # the fixtures' chunks are shorter than x86-cpu's 8 executed actions
     target = tmp_path / "x86-cpu.toml"
     target.write_text((TARGETS_DIR / "x86-cpu.toml").read_text().replace("actions_per_chunk = 8", "actions_per_chunk = 4"))

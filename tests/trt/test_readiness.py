@@ -186,7 +186,7 @@ def test_constants_beyond_fp16_and_bf16_fail_naming_them(tmp_path, thor, monkeyp
     from vlacompile.stages.export import export_policy
 
     fx = Path(__file__).parents[1] / "families" / "smolvla" / "fixtures" / "one_cam_cross_every2"
-    policy = load_policy(fx / "policy", tokenizer=fx / "vlm")
+    policy = load_policy(fx / "policy", tokenizer=fx / "vlm", lerobot_version="0.4")
     export_policy(policy, tmp_path / "ok.onnx")
     monkeypatch.setattr(blocks, "MASKED_SCORE", float(torch.finfo(torch.float32).min))
     export_policy(policy, tmp_path / "bad.onnx")
