@@ -378,3 +378,24 @@ def test_cache_commands_refuse_what_is_not_a_cache_and_prune_only_entries(tmp_pa
     (cache / "my-checkpoints" / "a").mkdir(parents=True)
     _refused(_cli(["cache", "prune", "--all", "--cache-dir", str(cache)]), str(cache), "my-checkpoints")
     assert (cache / "my-checkpoints" / "a").is_dir()
+
+
+def test_a_smolvla_tokenizer_with_more_tokens_than_the_embedding_is_refused(tmp_path):
+    """SmolVLA's side of the tokenizer check: a SmolVLM2 directory whose tokenizer has more tokens
+    than the checkpoint's embedding rows is another model's (the config.json check alone passed it)."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from vlacompile.checkpoint import load_policy
+
+    fx = Path(__file__).parent / "families" / "smolvla" / "fixtures" / "one_cam_cross_every2"
+    assert load_policy(fx / "policy", tokenizer=fx / "vlm", lerobot_version="0.4").family == "smolvla"
+    vlm = tmp_path / "vlm"
+    shutil.copytree(fx / "vlm", vlm)
+    tok = Tokenizer.from_file(str(vlm / "tokenizer.json"))
+    tok.add_tokens([f"<extra_{i}>" for i in range(5000)])
+    tok.save(str(vlm / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match="token embedding has") as err:
+        load_policy(fx / "policy", tokenizer=vlm, lerobot_version="0.4")
+    assert str(vlm) in err.value.format() and "Hint:" in err.value.format()

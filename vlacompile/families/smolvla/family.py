@@ -527,6 +527,11 @@ def _resolve_config(pd: PolicyDir, vlm_dir: Path, state: dict, sidecar, allow_un
     tok_cfg = tok_step.config
     tokenizer = TextTokenizer(vlm_dir, max_length=int(tok_cfg.get("max_length", c.get("tokenizer_max_length", 48))),
                               padding_side=str(tok_cfg.get("padding_side", "right")), truncation=bool(tok_cfg.get("truncation", True)))
+    rows = shape("model.vlm_with_expert.vlm.model.text_model.embed_tokens.weight")[0]
+    if tokenizer.vocab_size > rows:  # another model's tokenizer still makes ids: the build would pass on prompts never seen
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's token embedding has {rows} rows: "
+                              "it is another model's tokenizer", source=vlm_dir / TOKENIZER_FILE,
+                              hint="pass --tokenizer with the SmolVLM2 directory the policy was trained with (vlm_model_name)")
     fake = tokenizer.extra_tokens.get("fake_image_token") or "<fake_token_around_image>"
     glob = tokenizer.extra_tokens.get("global_image_token") or "<global-img>"
     add_special = bool(c.get("add_image_special_tokens", False))
