@@ -42,6 +42,22 @@ TINY_EPISODE_LENGTH = 20
 TINY_WEIGHT_SEED = 1234
 
 
+# A build of the tiny teacher that takes seconds: for tests of what surrounds the stages (inputs,
+# outputs, errors), not of what the stages compute.
+QUICK_RECIPE = """
+name = "tiny-quick"
+[[stages]]
+stage = "distill"
+layers = { vision = [0], backbone = [1], expert = [0, 1] }
+flow_steps = 1
+steps = 3
+batch_size = 8
+num_samples = 16
+[[stages]]
+stage = "export"
+"""
+
+
 def make_tiny_config(**overrides) -> ReferenceConfig:
     """The tiny teacher's config (2+2+2 layers, width 64, 32 px, chunk 8, 4 flow steps); also used
     by tests/stages/ddp_worker.py, which runs as a separate process."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import QUICK_RECIPE
 
 from vlacompile.cli import main
 from vlacompile.errors import EXIT_INPUT_ERROR, EXIT_OK, CheckpointError, ConfigError, VlaCompileError
@@ -22,18 +23,7 @@ TESTS = Path(__file__).parent
 PI0 = TESTS / "families" / "pi0" / "fixtures"
 SMOLVLA = TESTS / "families" / "smolvla" / "fixtures"
 
-RECIPE = """
-name = "tiny-bad-input"
-[[stages]]
-stage = "distill"
-layers = { vision = [0], backbone = [1], expert = [0, 1] }
-flow_steps = 1
-steps = 3
-batch_size = 8
-num_samples = 16
-[[stages]]
-stage = "export"
-"""
+RECIPE = QUICK_RECIPE
 
 
 def _loose_target(path: Path) -> Path:
@@ -286,7 +276,7 @@ def test_a_still_image_named_mp4_is_not_a_video(tmp_path):
 
 BAD_RECIPES = {
     "negative-steps": ("steps = 3", "steps = -1", ["distill.steps", "-1"]),
-    "string-seed": ('name = "tiny-bad-input"', 'name = "tiny-bad-input"\nseed = "0"', ["seed", "'0'"]),
+    "string-seed": ('name = "tiny-quick"', 'name = "tiny-quick"\nseed = "0"', ["seed", "'0'"]),
     "string-steps": ("steps = 3", 'steps = "3"', ["steps", "'3'"]),
     "zero-lr": ("steps = 3", "steps = 3\nlr = 0.0", ["distill.lr"]),
     "fraction-over-one": ("layers = { vision = [0], backbone = [1], expert = [0, 1] }", "layers = { vision = 2.0 }", ["distill.layers.vision"]),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import QUICK_RECIPE
 
 from vlacompile.cli import main
 from vlacompile.errors import EXIT_INPUT_ERROR, EXIT_OK
@@ -20,18 +21,7 @@ from vlacompile.resources import TARGETS_DIR
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-RECIPE = """
-name = "tiny-paths"
-[[stages]]
-stage = "distill"
-layers = { vision = [0], backbone = [1], expert = [0, 1] }
-flow_steps = 1
-steps = 3
-batch_size = 8
-num_samples = 16
-[[stages]]
-stage = "export"
-"""
+RECIPE = QUICK_RECIPE
 
 
 def _tree(root: Path) -> dict[str, str]:
