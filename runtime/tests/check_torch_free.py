@@ -30,6 +30,9 @@ def main() -> int:
             return 1
     import vlacompile_runtime
 
+    if not args.dir.is_dir():
+        print(f"FAIL: {args.dir} is not a directory (the runtime tests write it when VLACOMPILE_RUNTIME_CASES names it)")
+        return 1
     cases = sorted(p for p in args.dir.iterdir() if (p / "cases.json").is_file())
     if not cases:
         print(f"FAIL: no cases in {args.dir}")
