@@ -127,6 +127,33 @@ def test_build_passes_and_reports(built):
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
 
 
+def test_the_build_runs_in_the_runtime(built, tiny_episode_set):
+    """What the build wrote loads in vlacompile_runtime (format version, hashes, the quantised graph
+    manifest.json names) and gives the compiler's ONNX Runtime chunks on held-out observations."""
+    import numpy as np
+    import vlacompile_runtime
+
+    from vlacompile.backends.onnxrt import OrtRunner
+    from vlacompile.observation import from_lerobot
+
+    out = built["out"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == vlacompile_runtime.FORMAT_VERSION
+    assert {manifest["onnx"], "student_spec.json"} <= set(manifest["runtime_files"]) and manifest["onnx"] == "student.int8.onnx"
+    policy = vlacompile_runtime.load(out, threads=1)
+    runner = OrtRunner(out / manifest["onnx"], policy.spec, threads=1)
+    from vlacompile.data.episodes import split_episodes
+    from vlacompile.data.sampling import make_samples
+
+    held_out = make_samples(split_episodes(tiny_episode_set)[2], chunk_size=policy.spec.chunk_size, stride=9)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        obs = {"observation.images.front": held_out.images["front"][i], "observation.state": held_out.state[i], "task": held_out.tasks[i]}
+        noise = rng.standard_normal(policy.spec.noise_shape, dtype=np.float32)
+        np.testing.assert_allclose(policy.predict_chunk(obs, noise), runner.get_action(from_lerobot(obs, policy.spec), noise), rtol=0, atol=1e-5)
+    assert policy.select_action(obs).shape == (policy.spec.action_dim,)
+
+
 def test_report_command_prints_summary(built):
     result = CliRunner().invoke(main, ["report", str(built["out"])])
     assert result.exit_code == EXIT_OK

@@ -96,3 +96,28 @@ def test_targets_json_lists_every_target():
     data = json.loads(result.output)
     assert {t["name"] for t in data} >= set(SHIPPED)
     assert all(t["budget"]["p99_latency_ms"] > 0 for t in data)
+
+
+def test_the_runtime_imports_neither_torch_nor_the_compiler():
+    """vlacompile_runtime runs on a robot without torch; it never imports the compiler."""
+    body = ("import vlacompile_runtime, vlacompile_runtime.policy, vlacompile_runtime.processors, vlacompile_runtime.split, "
+            "vlacompile_runtime.onnxrt, vlacompile_runtime.tokenizer\n"
+            "vlacompile_runtime.load\n"
+            "print('COMPILER=' + json.dumps(sorted(m for m in sys.modules if m == 'vlacompile' or m.startswith('vlacompile.'))))")
+    loaded, out = _probe(body)
+    assert loaded == [], f"importing vlacompile_runtime pulled in {loaded}"
+    compiler = json.loads(next(line for line in out.splitlines() if line.startswith("COMPILER="))[len("COMPILER="):])
+    assert compiler == [], f"the runtime imported the compiler: {compiler}"
+
+
+def test_runtime_sources_never_name_the_compiler():
+    """Layers import downward only: no module of the runtime imports vlacompile (even lazily)."""
+    import re
+    from pathlib import Path
+
+    import vlacompile_runtime
+
+    root = Path(vlacompile_runtime.__file__).parent
+    pattern = re.compile(r"^\s*(from|import)\s+vlacompile(\.|\s|$)", re.M)
+    offenders = [p.name for p in root.rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []

@@ -7,12 +7,16 @@
       student/                         the student checkpoint, in its family's format
       student_spec.json                the student's PolicySpec: inputs, cameras, action head, processor
       manifest.json, target.json, recipe.json, report.json, report.md, report.html
+                                       (manifest.json's format_version, onnx and runtime_files: what the
+                                       runtime checks, see vlacompile_runtime.artifact)
       *.plan, engine.json              TensorRT plans, written on the device by `vlacompile engine`
 
 ``graph_files`` lists the files of an exported graph set (single graph, split graphs, split.json),
 which is what the stage cache stores and restores as one unit.
 
-This module is also the one reader of an artifact's ``manifest.json`` and ``report.json`` (for
+The runtime (``vlacompile_runtime.artifact``, ``.split``) owns reading what it runs: split.json,
+student_spec.json and manifest.json's runtime keys; their names and readers are re-exported here.
+This module is the compiler's reader of an artifact's ``manifest.json`` and ``report.json`` (for
 verify, engine, report, report diff and --baseline): a missing, truncated or edited file, one of
 another schema, or one that lacks a section the caller reads is an ``ArtifactError`` naming the
 file and the keys, never a KeyError or JSONDecodeError.
@@ -24,19 +28,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlacompile.errors import ArtifactError, CheckpointError
+from vlacompile_runtime.artifact import (  # noqa: F401  (the runtime reads these files; re-exported)
+    FORMAT_VERSION,
+    MANIFEST_JSON,
+    STUDENT_DIR,
+    STUDENT_ONNX,
+    STUDENT_SPEC_JSON,
+    TARGET_JSON,
+    read_json_object,
+    read_student_spec,
+    runtime_files,
+)
+from vlacompile_runtime.split import SPLIT_FORMAT, SPLIT_JSON, read_split_manifest  # noqa: F401
 
-STUDENT_ONNX = "student.onnx"
+from vlacompile.errors import ArtifactError
+
 SPLIT_NAMES = {"system2": "system2.onnx", "system1": "system1.onnx"}
-SPLIT_JSON = "split.json"
-STUDENT_DIR = "student"
-STUDENT_SPEC_JSON = "student_spec.json"  # what the compiled graphs read and write (PolicySpec)
-MANIFEST_JSON = "manifest.json"
-TARGET_JSON = "target.json"
 RECIPE_JSON = "recipe.json"
 REPORT_FILES = ("report.json", "report.md", "report.html")
 ENGINE_JSON = "engine.json"
-SPLIT_FORMAT = 2
 SCHEMA_MAJOR = "1"  # report.json / manifest.json schema_version "1.x" is what this vlacompile writes and reads
 
 # What each reader needs (dotted paths), checked when the file is read.
@@ -75,33 +85,22 @@ def sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def runtime_manifest(directory: Path, onnx: str | None) -> dict[str, Any]:
+    """manifest.json's keys the runtime reads (``vlacompile_runtime.artifact``): the format version,
+    the single graph to run (``onnx``) and the sha256 of every file the runtime reads in ``directory``
+    (student_spec.json, written before this is called, the graphs, split.json, the tokenizer)."""
+    directory = Path(directory)
+    split = read_split_manifest(directory) if (directory / SPLIT_JSON).is_file() else None
+    spec = read_json_object(directory / STUDENT_SPEC_JSON)
+    names = runtime_files(directory, onnx, split, spec)
+    return {"format_version": FORMAT_VERSION, "onnx": onnx,
+            "runtime_files": {n: sha256_files([directory / n]) for n in names}}
+
+
 def write_split_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     path = Path(directory) / SPLIT_JSON
     path.write_text(json.dumps({"format": SPLIT_FORMAT, **manifest}, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def read_split_manifest(directory: str | Path) -> dict[str, Any]:
-    """split.json: what System 2 and System 1 read and write, and the glue between them (see
-    ``vlacompile.families.base.SplitPlan``). Refuses files of another format version."""
-    path = Path(directory) / SPLIT_JSON
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            "no split.json: this artifact has no System 2 / System 1 graphs",
-            source=path.parent,
-            hint="build with export.split = true in the recipe",
-        ) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"split.json is not valid JSON ({e})", source=path, hint="re-export the artifact") from None
-    if meta.get("format") != SPLIT_FORMAT:
-        raise CheckpointError(f"split.json has format {meta.get('format')!r}; this vlacompile reads format {SPLIT_FORMAT}",
-                              source=path, hint="rebuild the artifact with this vlacompile")
-    missing = [k for k in ("system2", "system1", "integrator", "derived", "post", "batch_size", "inputs") if k not in meta]
-    if missing:
-        raise CheckpointError(f"split.json lacks {missing}", source=path, hint="re-export the artifact")
-    return meta
 
 
 def student_spec_dict(spec, out_dir: Path) -> dict[str, Any]:
@@ -121,35 +120,11 @@ def student_spec_dict(spec, out_dir: Path) -> dict[str, Any]:
     return d
 
 
-def read_student_spec(path: Path) -> dict[str, Any]:
-    """``student_spec.json`` with a relative tokenizer directory resolved against the artifact."""
-    d = read_json_object(Path(path))
-    tok = (d.get("processor") or {}).get("tokenizer_dir")
-    if tok and not Path(tok).is_absolute():
-        d["processor"] = {**d["processor"], "tokenizer_dir": str(Path(path).parent / tok)}
-    return d
-
-
 def _get(data: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(data, dict) or part not in data:
             return None
         data = data[part]
-    return data
-
-
-def read_json_object(path: Path, *, hint: str = "rebuild the artifact: the file is truncated or was edited") -> dict[str, Any]:
-    """An artifact's JSON file as a dict; a missing, unreadable or non-object file is an ArtifactError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"no {path.name}" + (" (it is a directory)" if path.is_dir() else ""), source=path.parent,
-                            hint="pass a directory written by `vlacompile build`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path.name} cannot be read ({e})", source=path, hint=hint) from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path.name} holds a JSON {type(data).__name__}, not an object", source=path, hint=hint)
     return data
 
 

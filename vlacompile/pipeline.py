@@ -29,7 +29,7 @@ from vlacompile.errors import (
     EpisodeError,
     OutputError,
 )
-from vlacompile.artifact import REPORT_FILES, STUDENT_DIR, STUDENT_SPEC_JSON, read_student_spec, student_spec_dict
+from vlacompile.artifact import REPORT_FILES, STUDENT_DIR, STUDENT_SPEC_JSON, read_student_spec, runtime_manifest, student_spec_dict
 from vlacompile.resources import DEMO_EPISODES, DEMO_TEACHER
 
 SCHEMA_VERSION = "1.0"
@@ -593,6 +593,8 @@ def _run_build(tgt, rcp, teacher, train, calib, held_out, tmp: Path, seed: int, 
         else f"not built: TensorRT plans are built on a {tgt.device.name}; run `vlacompile engine` there",
         "tool_versions": tool_versions(),
         "tensorrt_readiness": readiness,
+        # What vlacompile-runtime checks when it loads the artifact: the format, the graph, the files' sha256.
+        **runtime_manifest(tmp, artifact.onnx_path.name),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     notes = []

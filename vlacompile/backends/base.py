@@ -1,30 +1,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
-
 import numpy as np
+from vlacompile_runtime.policy import feed_rows, in_static_batches  # noqa: F401  (re-exported)
 
 from vlacompile.observation import Observation
 from vlacompile.policy import PolicySpec
-
-
-def feed_rows(feeds: dict[str, np.ndarray]) -> int:
-    """The batch size of a feed dict (every input is batch first)."""
-    return int(len(next(iter(feeds.values()))))
-
-
-def in_static_batches(batch: int, feeds: dict[str, np.ndarray], fn: Callable[[dict[str, np.ndarray]], np.ndarray]) -> np.ndarray:
-    """``fn`` over ``feeds`` in slices of a graph's static ``batch``, the last slice padded with its last row."""
-    n = feed_rows(feeds)
-    outs = []
-    for i in range(0, n, batch):
-        part = {k: v[i : i + batch] for k, v in feeds.items()}
-        m = feed_rows(part)
-        if m < batch:
-            part = {k: np.concatenate([v, np.repeat(v[-1:], batch - m, axis=0)]) for k, v in part.items()}
-        outs.append(fn(part)[:m])
-    return np.concatenate(outs)
 
 
 class Runner(ABC):

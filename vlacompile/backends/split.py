@@ -1,108 +1,39 @@
-"""The split policy: System 2 once per chunk, then K System 1 steps, driven by ``split.json``.
+"""The split policy on ONNX Runtime (``SplitRunner``) and the per-part timing verify reports.
 
-This is the glue a robot stack runs when the two parts are separate graphs (as TensorRT engines
-are built). What it does is data in ``split.json`` (``vlacompile.families.base.SplitPlan``): the
-inputs derived from the policy's inputs (the reference family standardises the state), what System
-2 hands System 1 (prefix features, or a per-layer K/V cache), the integrator (Euler over the
-recorded times, from t=0 to 1 or from 1 to 0) and the action post-processing. ``SplitProgram``
-executes it for any pair of part runners: ONNX Runtime here, TensorRT plans on the device. The
-result matches the single graph (and the torch policy) to float32 rounding.
+The glue between System 2 and System 1 is data in ``split.json`` (``vlacompile.families.base.SplitPlan``
+writes it); the runtime executes it (``vlacompile_runtime.split.SplitProgram``, re-exported here),
+for any pair of part runners: ONNX Runtime here, TensorRT plans on the device.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+from vlacompile_runtime.policy import SplitGraphs
+from vlacompile_runtime.split import PartFn, SplitProgram, apply_ops, read_split_manifest  # noqa: F401  (re-exported)
 
-from vlacompile.artifact import read_split_manifest
-from vlacompile.backends.base import Runner, in_static_batches
+from vlacompile.backends.base import Runner
 from vlacompile.policy import PolicySpec
-
-PartFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
-
-
-def _op(x: np.ndarray, op: dict[str, Any]) -> np.ndarray:
-    if op["op"] == "slice":
-        return x[..., : op["stop"]]
-    v = np.asarray(op["value"], dtype=np.float32)
-    if op["op"] == "add":
-        return x + v
-    if op["op"] == "sub":
-        return x - v
-    if op["op"] == "mul":
-        return x * v
-    if op["op"] == "div":
-        return x / v
-    raise ValueError(f"split.json names an unknown op {op['op']!r}")
-
-
-def apply_ops(x: np.ndarray, ops: list[dict[str, Any]]) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    for op in ops:
-        x = _op(x, op).astype(np.float32, copy=False)
-    return x
-
-
-class SplitProgram:
-    """split.json's glue, run with two part functions (feed dict -> outputs in the part's output order)."""
-
-    def __init__(self, meta: dict[str, Any]):
-        self.meta = meta
-        self.integrator = meta["integrator"]
-        if self.integrator.get("kind") != "euler":
-            raise ValueError(f"split.json integrator {self.integrator.get('kind')!r} is not one this runner executes (euler)")
-        self.times = [np.float32(t) for t in self.integrator["times"]]
-        self.update = self.integrator["update"]
-
-    @property
-    def flow_steps(self) -> int:
-        return len(self.times)
-
-    def run(self, inputs: dict[str, np.ndarray], system2: PartFn, system1: PartFn) -> np.ndarray:
-        m = self.meta
-        values: dict[str, np.ndarray] = dict(inputs)
-        for d in m["derived"]:
-            values[d["output"]] = apply_ops(values[d["input"]], d["ops"])
-        s2 = m["system2"]
-        outs = system2({k: values[k] for k in s2["inputs"]})
-        values.update(zip(s2["output_names"], outs, strict=True))
-        integ = self.integrator
-        x = np.asarray(values[integ["init"]], dtype=np.float32)
-        n = x.shape[0]
-        step = np.float32(self.update["value"])
-        s1 = m["system1"]
-        for t in self.times:
-            values[integ["x"]] = x
-            values[integ["t"]] = np.full((n,), t, dtype=np.float32)
-            v = system1({k: values[k] for k in s1["inputs"]})[s1["output_names"].index(integ["velocity"])]
-            # Written as the torch module computes it (same float32 ops).
-            x = x + v / step if self.update["op"] == "div" else x + v * step
-        return apply_ops(x, m["post"])
 
 
 class SplitRunner(Runner):
-    """``system2.onnx`` then ``system1.onnx`` K times, on ONNX Runtime."""
+    """``system2.onnx`` then ``system1.onnx`` K times, on ONNX Runtime: the runtime's ``SplitGraphs``
+    (what ``vlacompile_runtime.load(..., graph="split")`` runs)."""
 
     def __init__(self, split_dir: str | Path, spec: PolicySpec, provider: str = "cpu", threads: int | None = None):
-        from vlacompile.backends.onnxrt import make_session
-
         super().__init__(spec)
         self.dir = Path(split_dir)
         self.meta = read_split_manifest(self.dir)
-        self.program = SplitProgram(self.meta)
-        self.batch = int(self.meta["batch_size"])
-        self.system2 = make_session(self.dir / self.meta["system2"]["onnx"], provider, threads)
-        self.system1 = make_session(self.dir / self.meta["system1"]["onnx"], provider, threads)
+        self.graphs = SplitGraphs(self.dir, self.meta, provider, threads)
+        self.program, self.batch = self.graphs.program, self.graphs.batch
+        self.system2, self.system1 = self.graphs.system2, self.graphs.system1
         self.session = self.system2  # what verify's latency code reads the thread count from
         self.name = f"onnxruntime-{provider}-split"
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return in_static_batches(self.batch, inputs, self._run)
-
-    def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.program.run(inputs, lambda feed: self.system2.run(None, feed), lambda feed: self.system1.run(None, feed))
+        return self.graphs(inputs)
 
 
 def _random_feed(shapes: dict[str, list[int]], dtypes: dict[str, str], rng: np.random.Generator) -> dict[str, np.ndarray]:

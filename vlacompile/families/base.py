@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from vlacompile_runtime.processors import Preprocessor, camera_feeds  # noqa: F401  (re-exported)
+
 from vlacompile.errors import ConfigError
-from vlacompile.observation import Observation, ObservationBatch
 from vlacompile.policy import Policy, PolicySpec
 
 if TYPE_CHECKING:
@@ -30,40 +31,9 @@ if TYPE_CHECKING:
 # Observations -> model inputs
 
 
-class Preprocessor(ABC):
-    """Observations -> the policy graph's inputs (numpy, batch first). Part of every timed get_action call."""
-
-    def __init__(self, spec: PolicySpec):
-        self.spec = spec
-        self.noise_name = next(i.name for i in spec.inputs if i.role == "noise")
-
-    @abstractmethod
-    def batch(self, obs: ObservationBatch) -> dict[str, np.ndarray]:
-        """Every input but the noise, for a batch of observations."""
-
-    def __call__(self, obs: Observation, noise: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = self.batch(ObservationBatch.of(obs))
-        feeds[self.noise_name] = np.asarray(noise, dtype=np.float32).reshape(1, *self.spec.noise_shape)
-        return feeds
-
-
-def camera_feeds(spec: PolicySpec, obs: ObservationBatch) -> dict[str, np.ndarray]:
-    """``images.<camera>``: uint8 [N, 3, H, W] per camera of ``spec``, each at its own resolution,
-    for families that take one input per camera; a missing camera or another size is an error."""
-    from vlacompile.errors import EpisodeError
-
-    feeds: dict[str, np.ndarray] = {}
-    for cam in spec.cameras:
-        if cam.name not in obs.images:
-            raise EpisodeError(f"the policy reads camera {cam.name!r}; the observations have {sorted(obs.images)}",
-                               source="observations", hint="map the dataset's cameras to the policy's (or record with them)")
-        frames = np.asarray(obs.images[cam.name])
-        if frames.shape[1:3] != (cam.height, cam.width):
-            raise EpisodeError(f"camera {cam.name!r} frames are {frames.shape[1]}x{frames.shape[2]}, the policy takes "
-                               f"{cam.height}x{cam.width} (its input feature's shape)", source="observations",
-                               hint="give frames at the resolution the policy was trained on")
-        feeds[f"images.{cam.name}"] = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.uint8)
-    return feeds
+# ``Preprocessor`` and ``camera_feeds`` are the runtime's (``vlacompile_runtime.processors``), re-exported
+# here: a family's ``preprocessor`` returns one of the runtime's classes, which the runtime picks by
+# ``spec.family`` without importing the family.
 
 
 # ---------------------------------------------------------------------------------------------

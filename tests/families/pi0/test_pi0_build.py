@@ -94,6 +94,9 @@ def test_pi0_builds_for_x86_cpu(tmp_path):
     x = sample_inputs(student.spec, read_episodes(PI0 / "episodes"), 4, seed=1)
     np.testing.assert_allclose(OrtRunner(out / "student.onnx", student.spec, threads=1).run_batched(x),
                                student.run_feeds(x).numpy(), rtol=1e-4, atol=1e-5)
+    # The torch-free runtime loads it (the tokenizer the student carries is among the hashed files) and runs what verify ran.
+    _runs_in_the_runtime(out, PI0, "single")
+    assert "student/tokenizer/tokenizer.json" in json.loads((out / "manifest.json").read_text())["runtime_files"]
 
 
 def test_pi05_builds_for_jetson_thor_with_split_int8_graphs(tmp_path):
@@ -117,6 +120,27 @@ def test_pi05_builds_for_jetson_thor_with_split_int8_graphs(tmp_path):
     names = [i.name for i in onnx.load(str(out / "system2.onnx"), load_external_data=False).graph.input]
     assert "state" not in names  # pi0.5's state reaches the model only as prompt tokens
     assert report["roofline"]["student"]["system1"]["steps"] == 2
+    _runs_in_the_runtime(out, PI05, "split")
+
+
+def _runs_in_the_runtime(out: Path, fixture: Path, graph: str) -> None:
+    """The artifact loads in vlacompile_runtime and gives the compiler's ONNX Runtime chunk on lerobot's cases."""
+    from safetensors.numpy import load_file
+    import vlacompile_runtime
+
+    from vlacompile.backends.onnxrt import OrtRunner
+    from vlacompile.backends.split import SplitRunner
+    from vlacompile.observation import from_lerobot
+
+    policy = vlacompile_runtime.load(out, threads=1, graph=graph)
+    runner = OrtRunner(out / "student.onnx", policy.spec, threads=1) if graph == "single" else SplitRunner(out, policy.spec, threads=1)
+    arrays = load_file(str(fixture / "cases.safetensors"))
+    for i, case in enumerate(json.loads((fixture / "cases.json").read_text())):
+        obs = {f"observation.images.{cam}": arrays[f"{i}.image.{cam}"] for cam in case["cameras"]}
+        obs.update({"observation.state": arrays[f"{i}.state"], "task": case["task"]})
+        noise = np.random.default_rng(i).standard_normal(policy.spec.noise_shape, dtype=np.float32)
+        np.testing.assert_allclose(policy.predict_chunk(obs, noise), runner.get_action(from_lerobot(obs, policy.spec), noise),
+                                   rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("target", ["x86-cpu", "x86-gpu", "jetson-thor", "jetson-orin", "jetson-orin-nano"])

@@ -1,4 +1,5 @@
-"""SmolVLA's processor: the SmolVLM2 tokenizer from a local directory, and observations -> inputs.
+"""SmolVLA's processor: the SmolVLM2 tokenizer from a local directory, and observations -> inputs
+(``SmolVLAPreprocessor``, the runtime's: ``vlacompile_runtime.processors``).
 
 What lerobot's ``policy_preprocessor.json`` does at inference, in its step order: rename
 observation keys (here: the policy reads the observation's own names, the rename map applied
@@ -17,13 +18,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+from vlacompile_runtime.processors import SmolVLAPreprocessor  # noqa: F401  (the runtime's; re-exported)
 
 from vlacompile.errors import CheckpointError
-from vlacompile.families.base import Preprocessor, camera_feeds
 from vlacompile.lerobot.tokenizer import TOKENIZER_FILE, TextTokenizer, find_in_hub_cache, hub_cache_dirs  # noqa: F401
-from vlacompile.observation import ObservationBatch
-from vlacompile.policy import PolicySpec
 
 
 def resolve_vlm_dir(vlm_model_name: str, tokenizer: Path | None, ckpt: Path) -> Path:
@@ -47,30 +45,3 @@ def resolve_vlm_dir(vlm_model_name: str, tokenizer: Path | None, ckpt: Path) -> 
         hint=f"pass --tokenizer DIR with a local copy of {vlm_model_name} (tokenizer.json, tokenizer_config.json and its config.json); "
         "vlacompile never downloads",
     )
-
-
-class SmolVLAPreprocessor(Preprocessor):
-    """Observations -> ``images.<camera>`` uint8 [N, 3, H, W], ``state``, ``tokens`` / ``token_mask``."""
-
-    def __init__(self, spec: PolicySpec):
-        super().__init__(spec)
-        s = spec.processor_settings
-        self.tokenizer = TextTokenizer(Path(s["tokenizer_dir"]), max_length=int(s["max_length"]),
-                                       padding_side=s["padding_side"], truncation=bool(s["truncation"]))
-        self.append_newline = bool(s["append_newline"])
-        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def tokens(self, task: str) -> tuple[np.ndarray, np.ndarray]:
-        hit = self._cache.get(task)
-        if hit is None:
-            text = task if (not self.append_newline or task.endswith("\n")) else task + "\n"
-            hit = self._cache[task] = self.tokenizer.encode(text)
-        return hit
-
-    def batch(self, obs: ObservationBatch) -> dict[str, np.ndarray]:
-        feeds = camera_feeds(self.spec, obs)
-        feeds["state"] = np.asarray(obs.state, dtype=np.float32)
-        pairs = [self.tokens(t) for t in obs.tasks]
-        feeds["tokens"] = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, self.tokenizer.max_length), np.int64)
-        feeds["token_mask"] = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, self.tokenizer.max_length), bool)
-        return feeds
