@@ -220,7 +220,7 @@ def build_artifact_engines(artifact_dir: str | Path, *, workspace_mb: int = 4096
                            log=print) -> dict[str, Any]:
     """Plans for every ONNX graph of a built artifact (the single graph, and the split graphs when
     present), after the readiness check against this device's TensorRT version."""
-    from vlacompile.trt.readiness import check_readiness
+    from vlacompile.trt.readiness import REDUCED_MAX, check_readiness
 
     from vlacompile.artifact import SPLIT_JSON, read_manifest, read_split_manifest
     from vlacompile.errors import ArtifactError
@@ -249,7 +249,7 @@ def build_artifact_engines(artifact_dir: str | Path, *, workspace_mb: int = 4096
     for name in graphs:
         onnx_path = artifact_dir / name
         # Flag-built FP16/BF16 engines hold the graph's float constants in that precision.
-        check_readiness(onnx_path, trt.__version__, precisions=(precision,) if precision in ("fp16", "bf16") else ())
+        check_readiness(onnx_path, trt.__version__, precisions=(precision,) if precision in REDUCED_MAX else ())
         plan = onnx_path.with_suffix(".plan")
         log(f"engine: {name} -> {plan.name} ({precision})")
         built[plan.name] = build_engine(onnx_path, plan, precision=precision, timing_cache=timing_cache, workspace_mb=workspace_mb)
